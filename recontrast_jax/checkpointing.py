@@ -1,0 +1,37 @@
+"""The one place that talks to Orbax: save and restore training states."""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
+    """A CheckpointManager for `directory` keeping the last `max_to_keep` steps."""
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
+    """Saves `state` at `step` (blocking; an existing step is left as it is)."""
+    if step in mngr.all_steps():
+        return
+    mngr.save(step, args=ocp.args.StandardSave(state))
+    mngr.wait_until_finished()
+
+
+def restore_latest(mngr: ocp.CheckpointManager, target):
+    """Restores the latest checkpoint into the structure/sharding of `target`.
+
+    Returns:
+      The restored state, or None when the directory holds no checkpoint.
+    """
+    step = mngr.latest_step()
+    if step is None:
+        return None
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))

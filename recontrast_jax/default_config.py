@@ -1,0 +1,64 @@
+"""The base ReContrast configuration: every field declared and commented.
+
+Config files in `configs/` import `get_config()` from here and override a few
+fields, so a field means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# ReContrast's MVTec script keeps the encoder BatchNorm in eval mode for these.
+MVTEC_ENCODER_BN_EVAL = ("toothbrush", "leather", "grid", "tile", "wood", "screw")
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The paper's MVTec AD protocol (spec section 3.1) on a user folder."""
+    config = ml_collections.ConfigDict()
+    config.method = "recontrast"
+    config.seed = 111  # setup_seed(111) at the start of every category
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "folder"  # 'folder' (MVTec layout) or 'embedded'
+    config.data.root = ""  # dataset root; for 'embedded', '' uses the cache dir
+    config.data.categories = ()  # () = every category found under root
+    config.data.image_size = 256  # Resize((s, s)), PIL bilinear with antialias
+    config.data.crop_size = 256  # CenterCrop after resizing
+    config.data.cache = True  # keep decoded training images in memory
+
+    config.model = ml_collections.ConfigDict()
+    config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
+    config.model.encoder_bn_train = True  # E's BatchNorm in train mode...
+    config.model.encoder_bn_eval_categories = ()  # ...except for these categories
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.lr_decoder = 2e-3  # bottleneck + decoder (AdamW group 1)
+    config.optimizer.lr_encoder = 1e-5  # trainable encoder (AdamW group 2)
+    config.optimizer.weight_decay = 1e-5  # decoupled, on every parameter
+    config.optimizer.beta1 = 0.9
+    config.optimizer.beta2 = 0.999
+    config.optimizer.eps = 1e-8
+
+    config.train = ml_collections.ConfigDict()
+    config.train.steps = 2000  # T, iterations per category
+    config.train.batch_size = 16  # global batch over all devices
+    config.train.drop_last = False  # the reference keeps partial last batches
+    config.train.alpha_warmup_fraction = 0.1  # alpha: -3 -> 1 over this part of T
+    config.train.mining_factor = 0.0  # gradient factor of easy points
+    config.train.log_every = 50  # steps between loss/throughput logs
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every = 250  # evaluate (and checkpoint) every N steps and at T
+    config.eval.batch_size = 16  # padded to a multiple of the device count
+    config.eval.sigma = 4.0  # Gaussian blur of the anomaly map
+    config.eval.score_rule = "max"  # image score: 'max' or 'mean' of the map
+    config.eval.max_ratio = 0.0  # >0: mean of the top ratio*H*W pixels
+    config.eval.pixel_metrics = True  # pixel AUROC/AUPRO need ground-truth masks
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.max_to_keep = 2
+
+    config.report = ml_collections.ConfigDict()
+    config.report.title = "ReContrast"
+    config.report.num_heatmaps = 8  # heatmap panels written per category
+    return config

@@ -1,0 +1,42 @@
+"""Command-line entry: `python -m recontrast_jax.main --config C --workdir W`."""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from recontrast_jax import train
+from recontrast_jax.data import folder
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.info(
+        "JAX %s: process %d/%d, %d local / %d global devices (%s)",
+        jax.__version__,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        jax.device_count(),
+        jax.devices()[0].platform,
+    )
+    try:
+        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    except (folder.DatasetError, train.WorkdirError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    mean = summary["mean"]
+    print("mean over categories: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(mean.items())))
+    print(f"results: {FLAGS.workdir}/results.md, metrics: {FLAGS.workdir}/metrics.json")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,1 @@
+"""Flax encoders, bottleneck and decoder of ReContrast."""

@@ -1,0 +1,134 @@
+"""Layers with PyTorch semantics: BatchNorm statistics, initialisers, convolutions.
+
+Parameter names follow Flax conventions (`kernel`, `scale`, `bias`, batch stats
+`mean`, `var`) so that torchvision state dicts map onto them leaf by leaf.
+"""
+
+from __future__ import annotations
+
+import math
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# torchvision and the ReContrast code re-initialise every nn.Conv2d with
+# kaiming_normal_(mode='fan_out', nonlinearity='relu'): std = sqrt(2 / (out * k * k)).
+conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def transposed_conv_kernel_init(key, shape, dtype=jnp.float32):
+    """PyTorch's default ConvTranspose2d init, for a Flax kernel (kh, kw, out, in).
+
+    PyTorch stores the weight as (in, out, kh, kw), computes fan_in from dim 1
+    (= out * kh * kw) and draws kaiming_uniform(a=sqrt(5)), i.e.
+    U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    """
+    kh, kw, out_features, _ = shape
+    bound = 1.0 / math.sqrt(kh * kw * out_features)
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def torch_default_bias_init(fan_in: int):
+    """PyTorch's default conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1.0 / math.sqrt(fan_in)
+
+    def init(key, shape, dtype=jnp.float32):
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm2d with PyTorch semantics on NHWC inputs.
+
+    In train mode the input is normalised with the biased batch variance and the
+    running statistics are updated as PyTorch does: `new = (1 - m) * old + m * batch`
+    with the *unbiased* batch variance (n / (n - 1)). Flax's own BatchNorm uses
+    the biased variance and the reverse momentum convention, so it cannot be used
+    for parity. Under `jax.jit` over a sharded batch the statistics are global.
+
+    Attributes:
+      momentum: PyTorch-style momentum (weight of the new batch statistic).
+      epsilon: added to the variance before the square root.
+    """
+
+    momentum: float = 0.1
+    epsilon: float = 1e-5
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        features = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (features,), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros, (features,), jnp.float32)
+        running_mean = self.variable(
+            "batch_stats", "mean", lambda: jnp.zeros((features,), jnp.float32)
+        )
+        running_var = self.variable(
+            "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
+        )
+        if train:
+            axes = tuple(range(x.ndim - 1))
+            mean = jnp.mean(x, axis=axes)
+            var = jnp.mean(jnp.square(x - mean), axis=axes)
+            if not self.is_initializing():
+                count = x.size // features
+                unbiased = var * (count / max(count - 1, 1))
+                m = self.momentum
+                running_mean.value = (1 - m) * running_mean.value + m * (
+                    jax.lax.stop_gradient(mean)
+                )
+                running_var.value = (1 - m) * running_var.value + m * (
+                    jax.lax.stop_gradient(unbiased)
+                )
+        else:
+            mean, var = running_mean.value, running_var.value
+        inv = jax.lax.rsqrt(var + self.epsilon) * scale
+        return (x - mean) * inv + bias
+
+
+def conv(
+    features: int,
+    kernel: int,
+    stride: int = 1,
+    name: str | None = None,
+) -> nn.Conv:
+    """A bias-free conv with PyTorch's symmetric padding (k // 2 on each side)."""
+    pad = kernel // 2
+    return nn.Conv(
+        features,
+        (kernel, kernel),
+        strides=(stride, stride),
+        padding=((pad, pad), (pad, pad)),
+        use_bias=False,
+        kernel_init=conv_kernel_init,
+        name=name,
+    )
+
+
+def transposed_conv2x2(features: int, name: str | None = None) -> nn.ConvTranspose:
+    """PyTorch's ConvTranspose2d(k=2, s=2, bias=False): out[2i + a] = x[i] . W[a].
+
+    With `transpose_kernel=True` the Flax kernel is the PyTorch weight
+    (in, out, kh, kw) transposed to (kh, kw, out, in).
+    """
+    return nn.ConvTranspose(
+        features,
+        (2, 2),
+        strides=(2, 2),
+        padding="VALID",
+        use_bias=False,
+        transpose_kernel=True,
+        kernel_init=transposed_conv_kernel_init,
+        name=name,
+    )
+
+
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """The ResNet stem max-pool: 3x3, stride 2, symmetric padding 1 with -inf."""
+    return nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+
+
+def count_params(tree) -> int:
+    """Number of scalar parameters in a pytree."""
+    return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
+

@@ -1,0 +1,100 @@
+"""The ReContrast model: trainable encoder, frozen encoder, cross reconstruction.
+
+`ReContrast` holds the trainable encoder E, the bottleneck and the decoder. The
+frozen encoder E_f is the same `ResNetEncoder` applied with a separate, never
+optimised copy of the variables (always in inference-mode BatchNorm); its
+features are passed in. Pairing (spec 1.4): the trainable and frozen features
+are concatenated along the batch (2B) and decoded together; head set 0 decoded
+from the trainable half reconstructs the frozen features, head set 1 decoded
+from the frozen half reconstructs the trainable features.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from recontrast_jax.models.de_resnet import Decoder, FusionBottleneck
+from recontrast_jax.models.resnet import ResNetEncoder
+
+Variables = dict[str, Any]
+
+
+class ReContrast(nn.Module):
+    """Trainable encoder + bottleneck + decoder of ReContrast.
+
+    Attributes:
+      arch: encoder architecture, a key of `resnet.ARCHS`.
+    """
+
+    arch: str
+
+    def setup(self):
+        self.encoder = ResNetEncoder(self.arch)
+        self.bottleneck = FusionBottleneck(self.arch)
+        self.decoder = Decoder(self.arch)
+
+    def __call__(
+        self,
+        x: jax.Array,
+        frozen_features: list[jax.Array] | None,
+        *,
+        train: bool,
+        encoder_train: bool,
+    ) -> tuple[list[jax.Array], list[jax.Array]]:
+        """Runs cross reconstruction.
+
+        Args:
+          x: normalised images (B, H, W, 3).
+          frozen_features: the frozen encoder's three maps for `x`. `None` uses
+            the trainable encoder's own (stop-gradient) maps; only meant for
+            shape inference at `init`.
+          train: BatchNorm mode of bottleneck and decoder.
+          encoder_train: BatchNorm mode of the trainable encoder.
+
+        Returns:
+          `(targets, reconstructions)`, six maps each, aligned pairwise:
+          targets `[f1, f2, f3, e1, e2, e3]` (frozen then trainable features,
+          gradient stopped) and reconstructions `[head0(trainable half) x3,
+          head1(frozen half) x3]`.
+        """
+        trainable = self.encoder(x, train=encoder_train)
+        if frozen_features is None:
+            frozen_features = [jax.lax.stop_gradient(e) for e in trainable]
+        joint = [jnp.concatenate([e, f], axis=0) for e, f in zip(trainable, frozen_features)]
+        decoded = self.decoder(self.bottleneck(joint, train=train), train=train)
+        batch = x.shape[0]
+        reconstructions = [d[:batch] for d in decoded[:3]] + [d[batch:] for d in decoded[3:]]
+        targets = [jax.lax.stop_gradient(f) for f in (*frozen_features, *trainable)]
+        return targets, reconstructions
+
+
+def frozen_encoder_features(
+    arch: str, frozen_variables: Variables, x: jax.Array
+) -> list[jax.Array]:
+    """Features of the frozen encoder: inference-mode BatchNorm, no gradient."""
+    features = ResNetEncoder(arch).apply(frozen_variables, x, train=False)
+    return [jax.lax.stop_gradient(f) for f in features]
+
+
+def init_variables(arch: str, rng: jax.Array, image_size: int) -> tuple[Variables, Variables]:
+    """Initialises ReContrast and the frozen encoder copy.
+
+    Returns:
+      `(variables, frozen_variables)`: `variables` has `params` and `batch_stats`
+      with top-level keys `encoder`, `bottleneck`, `decoder`; `frozen_variables`
+      is a copy of the encoder's variables (E_f = deepcopy(E) before training).
+    """
+    model = ReContrast(arch)
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
+    variables = model.init(rng, dummy, None, train=False, encoder_train=False)
+    variables = jax.tree_util.tree_map(lambda a: a, dict(variables))
+    frozen = {
+        "params": variables["params"]["encoder"],
+        "batch_stats": variables["batch_stats"]["encoder"],
+    }
+    frozen = jax.tree_util.tree_map(jnp.array, frozen)
+    return variables, frozen

@@ -1,0 +1,400 @@
+"""ReContrast training: state, optimiser, the jitted train step and the loop.
+
+The step is a pure module-level function, jitted once per run with the state
+donated. The state is replicated over the device mesh and batches are sharded
+along it (see `parallel.py`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from recontrast_jax import checkpointing, evaluate, losses, parallel, reports
+from recontrast_jax.data import folder, input_pipeline, synthetic
+from recontrast_jax.models import recontrast
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a training step reads and writes.
+
+    Attributes:
+      step: number of updates done so far.
+      params: trainable parameters {'encoder', 'bottleneck', 'decoder'}.
+      batch_stats: BatchNorm running statistics of the same modules.
+      opt_state: optimiser state.
+      frozen: variables of the frozen encoder E_f (never optimised).
+    """
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    frozen: Any
+
+
+def parameter_groups(params) -> dict[str, str]:
+    """Labels each top-level module with its optimiser group."""
+    return {name: "encoder" if name == "encoder" else "decoder" for name in params}
+
+
+def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Two AdamW groups as in the reference scripts.
+
+    Decoder + bottleneck at `lr_decoder`, encoder at `lr_encoder`; decoupled
+    weight decay on every parameter (BatchNorm affine and biases included); no
+    schedule, no clipping. optax.adamw matches torch.optim.AdamW here.
+    """
+
+    def adamw(lr):
+        return optax.adamw(
+            lr,
+            b1=config.beta1,
+            b2=config.beta2,
+            eps=config.eps,
+            weight_decay=config.weight_decay,
+        )
+
+    return optax.partition(
+        {"encoder": adamw(config.lr_encoder), "decoder": adamw(config.lr_decoder)},
+        parameter_groups,
+    )
+
+
+def create_train_state(
+    arch: str, image_size: int, tx: optax.GradientTransformation, rng: jax.Array
+) -> TrainState:
+    """Randomly initialised state; the frozen encoder is a copy of the encoder."""
+    variables, frozen = recontrast.init_variables(arch, rng, image_size)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=tx.init(params),
+        frozen=frozen,
+    )
+
+
+def train_step(
+    state: TrainState,
+    images: jax.Array,
+    *,
+    arch: str,
+    tx: optax.GradientTransformation,
+    total_steps: int,
+    warmup_fraction: float,
+    mining_factor: float,
+    encoder_train: bool,
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """One ReContrast update (pure; jit it with the static keyword arguments bound).
+
+    Args:
+      state: current state.
+      images: normalised images (B, H, W, 3), sharded along the batch.
+      arch: encoder architecture.
+      tx: the optimiser.
+      total_steps: T, for the alpha warm-up.
+      warmup_fraction: alpha rises from -3 to 1 over this fraction of T.
+      mining_factor: gradient factor for easy points (0 in the paper).
+      encoder_train: BatchNorm mode of the trainable encoder.
+
+    Returns:
+      The new state and {'loss', 'alpha'}.
+    """
+    alpha = losses.alpha_schedule(state.step, total_steps, warmup_fraction)
+    frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
+    model = recontrast.ReContrast(arch)
+
+    def loss_fn(params):
+        (targets, recons), updated = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            images,
+            frozen_features,
+            train=True,
+            encoder_train=encoder_train,
+            mutable=["batch_stats"],
+        )
+        loss = losses.recontrast_loss(targets, recons, alpha, mining_factor)
+        return loss, updated["batch_stats"]
+
+    (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+    )
+    return new_state, {"loss": loss, "alpha": alpha}
+
+
+def compile_train_step(config: ml_collections.ConfigDict, tx, mesh, encoder_train: bool):
+    """Binds the static arguments and jits `train_step` over the mesh.
+
+    The state is donated and stays replicated; the batch is sharded.
+    """
+    step_fn = functools.partial(
+        train_step,
+        arch=config.model.arch,
+        tx=tx,
+        total_steps=config.train.steps,
+        warmup_fraction=config.train.alpha_warmup_fraction,
+        mining_factor=config.train.mining_factor,
+        encoder_train=encoder_train,
+    )
+    return jax.jit(
+        step_fn,
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+class Throughput:
+    """Images per second over the steps since the last report."""
+
+    def __init__(self):
+        self._start = time.perf_counter()
+        self._images = 0
+
+    def add(self, images: int) -> None:
+        self._images += images
+
+    def report(self) -> float:
+        now = time.perf_counter()
+        rate = self._images / max(now - self._start, 1e-9)
+        self._start, self._images = now, 0
+        return rate
+
+
+def host_scalars(metrics: dict[str, jax.Array]) -> dict[str, float]:
+    """Fetches scalar metrics to the host (a synchronisation point)."""
+    return {k: float(np.asarray(v)) for k, v in metrics.items()}
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates the workdir and checks that it is writable, naming it if not."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(f"Workdir {workdir!r} is not writable: {e.strerror or e}") from e
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be created or written."""
+
+
+def resolve_data_root(config: ml_collections.ConfigDict) -> str:
+    """The MVTec-layout root the config points at (generating the embedded set)."""
+    if config.data.source == "embedded":
+        return str(synthetic.ensure_embedded_dataset(config.data.root or None))
+    if config.data.source == "folder":
+        if not config.data.root:
+            raise ValueError("config.data.root must name an MVTec-layout folder.")
+        return config.data.root
+    raise ValueError(
+        f"Unknown config.data.source {config.data.source!r}; use 'embedded' or 'folder'."
+    )
+
+
+def encoder_bn_train_mode(config: ml_collections.ConfigDict, category: str) -> bool:
+    """Whether E's BatchNorm runs in train mode for `category` (spec 1.1)."""
+    return bool(config.model.encoder_bn_train) and (
+        category not in tuple(config.model.encoder_bn_eval_categories)
+    )
+
+
+def category_dirs(workdir: str, category: str) -> dict[str, str]:
+    """Where a category's checkpoints, TensorBoard logs and heatmaps go."""
+    return {
+        "checkpoints": os.path.join(workdir, "checkpoints", category),
+        "tensorboard": os.path.join(workdir, "tensorboard", category),
+        "heatmaps": os.path.join(workdir, "heatmaps", category),
+    }
+
+
+def train_category(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    root: str,
+    category: str,
+    mesh,
+) -> dict[str, float]:
+    """Trains one model on `category`, evaluates it, writes its artifacts.
+
+    Resumes from the category's latest checkpoint when there is one.
+
+    Returns:
+      The metrics of the last evaluation (at step T), plus timings.
+    """
+    files = folder.scan_category(root, category)
+    dirs = category_dirs(workdir, category)
+    tx = make_optimizer(config.optimizer)
+    encoder_train = encoder_bn_train_mode(config, category)
+    state = create_train_state(
+        config.model.arch, config.data.crop_size, tx, jax.random.key(config.seed)
+    )
+    state = parallel.replicate(mesh, state)
+    ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
+    state = checkpointing.restore_latest(ckpt, state) or state
+    step_fn = compile_train_step(config, tx, mesh, encoder_train)
+    predict_fn = evaluate.compile_predict(config, mesh)
+    writer = SummaryWriter(dirs["tensorboard"])
+    total = config.train.steps
+    step = int(jax.device_get(state.step))
+    train_start = time.perf_counter()
+    last_result, last_metrics = None, {}
+    if step < total:
+        dataset = training_dataset(config, files.train)
+        throughput = Throughput()
+        bar = tqdm.tqdm(
+            total=total, initial=step, desc=f"{category} train", unit="step",
+            disable=jax.process_index() != 0, dynamic_ncols=True,
+        )
+        with bar:
+            for batch in input_pipeline.iterate_numpy(dataset):
+                images = parallel.global_batch(mesh, batch)["image"]
+                state, step_metrics = step_fn(state, images)
+                step += 1
+                throughput.add(images.shape[0])
+                bar.update(1)
+                if step % config.train.log_every == 0 or step == total:
+                    scalars = host_scalars(step_metrics)
+                    scalars["images_per_second"] = throughput.report()
+                    bar.set_postfix(
+                        loss=f"{scalars['loss']:.4f}",
+                        img_s=f"{scalars['images_per_second']:.1f}",
+                    )
+                    writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+                if step % config.eval.every == 0 or step == total:
+                    last_result = evaluate.evaluate_split(
+                        predict_fn, state, files.test, config, mesh
+                    )
+                    last_metrics = evaluate.compute_metrics(
+                        last_result, config.eval.pixel_metrics
+                    )
+                    writer.scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
+                    checkpointing.save(ckpt, step, state)
+                if step >= total:
+                    break
+    train_seconds = time.perf_counter() - train_start
+    eval_start = time.perf_counter()
+    if last_result is None:  # resumed after the end: evaluate the final state
+        last_result = evaluate.evaluate_split(predict_fn, state, files.test, config, mesh)
+        last_metrics = evaluate.compute_metrics(last_result, config.eval.pixel_metrics)
+    if jax.process_index() == 0:
+        names = [os.path.relpath(s.path, os.path.join(root, category, "test")) for s in files.test]
+        evaluate.write_heatmaps(last_result, dirs["heatmaps"], config.report.num_heatmaps, names)
+    writer.close()
+    return {
+        **last_metrics,
+        "steps": float(step),
+        "train_seconds": round(train_seconds, 2),
+        "report_seconds": round(time.perf_counter() - eval_start, 2),
+    }
+
+
+def training_dataset(config: ml_collections.ConfigDict, samples):
+    """The endless, per-process training pipeline for `samples`."""
+    processes = jax.process_count()
+    if config.train.batch_size % processes:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must divide over {processes} processes."
+        )
+    return input_pipeline.train_dataset(
+        samples,
+        batch_size=config.train.batch_size // processes,
+        image_size=config.data.image_size,
+        crop_size=config.data.crop_size,
+        seed=config.seed,
+        batch_multiple=jax.local_device_count(),
+        drop_remainder=config.train.drop_last,
+        cache=config.data.cache,
+        process_index=jax.process_index(),
+        process_count=processes,
+    )
+
+
+class SummaryWriter:
+    """TensorBoard scalars (process 0 only), through tf.summary."""
+
+    def __init__(self, logdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            import tensorflow as tf
+
+            self._tf = tf
+            self._writer = tf.summary.create_file_writer(logdir)
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is None:
+            return
+        with self._writer.as_default():
+            for name, value in values.items():
+                self._tf.summary.scalar(name, value, step=step)
+        self._writer.flush()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+
+REPORTED_METRICS = (
+    "image_auroc",
+    "pixel_auroc",
+    "aupro",
+    "aupro_recontrast_per_image",
+    "pixel_ap",
+    "image_f1_max",
+)
+
+
+def summarize(results: dict[str, dict[str, float]]) -> dict:
+    """Per-category metrics plus their mean over categories."""
+    names = sorted({k for r in results.values() for k in r})
+    mean = {
+        k: float(np.mean([r[k] for r in results.values() if k in r])) for k in names
+    }
+    return {"categories": results, "mean": mean}
+
+
+def write_results(workdir: str, results: dict[str, dict[str, float]], title: str) -> None:
+    """Writes metrics.json and results.md atomically (process 0 only)."""
+    if jax.process_index() != 0:
+        return
+    reports.atomic_write_json(os.path.join(workdir, "metrics.json"), summarize(results))
+    present = {k for r in results.values() for k in r}
+    names = [k for k in REPORTED_METRICS if k in present] or sorted(present)
+    table = reports.results_markdown(results, names, title)
+    reports.atomic_write_text(os.path.join(workdir, "results.md"), table)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Trains and evaluates one model per category; returns the summary dict."""
+    prepare_workdir(workdir)
+    if jax.process_index() == 0:
+        reports.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    mesh = parallel.make_mesh()
+    root = resolve_data_root(config)
+    categories = list(config.data.categories) or folder.list_categories(root)
+    results = {}
+    for category in categories:
+        results[category] = train_category(config, workdir, root, category, mesh)
+        write_results(workdir, results, config.report.title)
+    return summarize(results)
