@@ -134,5 +134,5 @@ def write_heatmaps(result: SplitResult, directory: str, count: int, names: list[
             vmax,
             title=names[i],
         )
-        stem = names[i].replace(os.sep, "_")
+        stem = os.path.splitext(names[i])[0].replace(os.sep, "_")
         reports.save_png(os.path.join(directory, f"{stem}.png"), panel)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 
 import jax
@@ -17,8 +18,16 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and hea
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def quiet_library_logs() -> None:
+    """Hides Orbax's per-save INFO chatter; warnings and errors still show."""
+    logging.get_absl_logger().addFilter(
+        lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+    )
+
+
 def main(argv):
     del argv
+    quiet_library_logs()
     logging.info(
         "JAX %s: process %d/%d, %d local / %d global devices (%s)",
         jax.__version__,
@@ -34,7 +43,8 @@ def main(argv):
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     mean = summary["mean"]
-    print("mean over categories: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(mean.items())))
+    shown = [k for k in train.REPORTED_METRICS if k in mean]
+    print("mean over categories: " + ", ".join(f"{k}={mean[k]:.4f}" for k in shown))
     print(f"results: {FLAGS.workdir}/results.md, metrics: {FLAGS.workdir}/metrics.json")
 
 

@@ -385,6 +385,12 @@ def write_results(workdir: str, results: dict[str, dict[str, float]], title: str
     reports.atomic_write_text(os.path.join(workdir, "results.md"), table)
 
 
+def category_list(value) -> list[str]:
+    """Categories from a tuple or a comma-separated command-line string."""
+    items = [value] if isinstance(value, str) else list(value)
+    return [name.strip() for item in items for name in item.split(",") if name.strip()]
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains and evaluates one model per category; returns the summary dict."""
     prepare_workdir(workdir)
@@ -392,7 +398,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         reports.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
     mesh = parallel.make_mesh()
     root = resolve_data_root(config)
-    categories = list(config.data.categories) or folder.list_categories(root)
+    categories = category_list(config.data.categories) or folder.list_categories(root)
     results = {}
     for category in categories:
         results[category] = train_category(config, workdir, root, category, mesh)

@@ -1,0 +1,432 @@
+"""tf.data input pipelines that reproduce ReContrast's PyTorch preprocessing.
+
+The reference transforms are torchvision's ``Resize((s, s))`` on a PIL image
+(bilinear, antialiased when downsampling), ``ToTensor``, ``CenterCrop(crop)`` and
+``Normalize(IMAGENET_MEAN, IMAGENET_STD)``; ground-truth masks get the same
+resize and crop and are binarised with ``> 0``. Decoding and resizing run in PIL
+(through ``tf.numpy_function``) so the pixels are exactly the reference's;
+TensorFlow only schedules the work, batches and prefetches.
+
+TensorFlow is used on the CPU only: accelerators are hidden from it at import so
+it never competes with JAX for device memory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Iterator, Sequence
+
+# Must be set before TensorFlow is imported to silence its C++ INFO logs. TF 2.21
+# prints its oneDNN notice regardless of the log level unless oneDNN graph
+# rewrites are off; they only touch conv/matmul kernels, which this module never
+# runs, so turning them off changes no pixel.
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from recontrast_jax.data import folder  # noqa: E402
+
+tf.get_logger().setLevel("ERROR")
+try:
+    tf.config.set_visible_devices([], "GPU")
+except (RuntimeError, ValueError):
+    # Devices were already initialised (TF imported and used elsewhere first).
+    pass
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+_MEAN32 = np.asarray(IMAGENET_MEAN, np.float32)
+_STD32 = np.asarray(IMAGENET_STD, np.float32)
+
+
+# --------------------------------------------------------------------------
+# Per-image preprocessing (numpy/PIL; the reference's exact arithmetic).
+# --------------------------------------------------------------------------
+
+
+def center_crop_offsets(size: int, crop_size: int) -> int:
+    """Top/left offset of torchvision's ``CenterCrop`` on a square image.
+
+    Args:
+      size: Side of the (square) image.
+      crop_size: Side of the crop.
+
+    Returns:
+      ``int(round((size - crop_size) / 2.0))`` (Python's half-to-even round, as
+      torchvision uses).
+    """
+    if not 0 < crop_size <= size:
+        raise ValueError(f"crop_size {crop_size} must be in [1, image_size={size}]")
+    return int(round((size - crop_size) / 2.0))
+
+
+def resize_and_crop_uint8(
+    image_uint8: np.ndarray, image_size: int, crop_size: int
+) -> np.ndarray:
+    """PIL bilinear resize to (image_size, image_size), then center crop.
+
+    Args:
+      image_uint8: uint8 array (H, W, 3) or (H, W).
+      image_size: Side after resizing.
+      crop_size: Side after center cropping.
+
+    Returns:
+      uint8 array (crop_size, crop_size[, 3]).
+    """
+    top = center_crop_offsets(image_size, crop_size)
+    resized = Image.fromarray(np.asarray(image_uint8, np.uint8)).resize(
+        (image_size, image_size), Image.BILINEAR
+    )
+    return np.asarray(resized)[top : top + crop_size, top : top + crop_size]
+
+
+def normalize_uint8(image_uint8: np.ndarray) -> np.ndarray:
+    """``ToTensor`` (divide by 255) then ``Normalize`` in float32, as torch does."""
+    scaled = np.asarray(image_uint8, np.float32) / np.float32(255)
+    return (scaled - _MEAN32) / _STD32
+
+
+def preprocess_image(
+    image_uint8: np.ndarray, image_size: int, crop_size: int
+) -> np.ndarray:
+    """Reference image transform: Resize, ToTensor, CenterCrop, Normalize.
+
+    Args:
+      image_uint8: uint8 RGB array (H, W, 3), e.g. from :func:`folder.load_rgb`.
+      image_size: Side of the square resize (PIL bilinear, antialiased).
+      crop_size: Side of the center crop.
+
+    Returns:
+      float32 array (crop_size, crop_size, 3), channels last.
+    """
+    return normalize_uint8(resize_and_crop_uint8(image_uint8, image_size, crop_size))
+
+
+def preprocess_mask(
+    mask_uint8: np.ndarray | None, image_size: int, crop_size: int
+) -> np.ndarray:
+    """Reference ground-truth transform: PIL bilinear resize, ``> 0``, center crop.
+
+    Any pixel that bilinear resizing touches counts as anomalous, which slightly
+    dilates the masks; the reference does the same.
+
+    Args:
+      mask_uint8: uint8 array (H, W), or None for a good image.
+      image_size: Side of the square resize.
+      crop_size: Side of the center crop.
+
+    Returns:
+      bool array (crop_size, crop_size).
+    """
+    if mask_uint8 is None:
+        center_crop_offsets(image_size, crop_size)  # Validates the sizes.
+        return np.zeros((crop_size, crop_size), bool)
+    return resize_and_crop_uint8(mask_uint8, image_size, crop_size) > 0
+
+
+# --------------------------------------------------------------------------
+# Errors raised inside tf.numpy_function.
+# --------------------------------------------------------------------------
+
+_DATASET_ERROR_RE = re.compile(r"DatasetError: (.*)")
+
+
+def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+    """Iterates a dataset as dicts of numpy arrays, with readable data errors.
+
+    TensorFlow wraps exceptions raised inside ``tf.numpy_function`` in an
+    ``OpError`` whose text is a Python traceback; this turns them back into a
+    :class:`folder.DatasetError` carrying the original message (which names the
+    file).
+
+    Args:
+      dataset: A dataset from :func:`train_dataset` or :func:`eval_dataset`.
+
+    Yields:
+      Batches as dicts of numpy arrays.
+
+    Raises:
+      folder.DatasetError: If an image or mask cannot be read.
+    """
+    iterator = dataset.as_numpy_iterator()
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as e:
+            matches = _DATASET_ERROR_RE.findall(e.message)
+            if matches:
+                raise folder.DatasetError(matches[-1].strip()) from None
+            raise
+        yield batch
+
+
+# --------------------------------------------------------------------------
+# Training pipeline.
+# --------------------------------------------------------------------------
+
+
+def _check_files_exist(samples: Sequence[folder.Sample]) -> None:
+    """Fails early, in Python, on missing files (cheaper than a wrapped error)."""
+    for sample in samples:
+        for path in (sample.path, sample.mask_path):
+            if path is not None and not os.path.isfile(path):
+                raise folder.DatasetError(f"image file {path} does not exist")
+
+
+def _batches_per_epoch(n: int, batch_size: int, multiple: int, drop: bool) -> int:
+    full, rest = divmod(n, batch_size)
+    return full + int(not drop and rest // multiple > 0)
+
+
+def _epoch_permutation(seed: int, n: int):
+    """Returns a tf function mapping an epoch number to its permutation."""
+
+    def permute(epoch):
+        rng = np.random.default_rng([seed, int(epoch)])
+        return rng.permutation(n).astype(np.int32)
+
+    def epoch_indices(epoch):
+        perm = tf.numpy_function(permute, [epoch], tf.int32, stateful=False)
+        return tf.ensure_shape(perm, [n])
+
+    return epoch_indices
+
+
+def _image_loader(paths: Sequence[str], image_size: int, crop_size: int, cache: bool):
+    """Returns a numpy function loading a batch of indices as uint8 images."""
+    memo: dict[int, np.ndarray] = {}
+
+    def load_one(index: int) -> np.ndarray:
+        image = memo.get(index)
+        if image is None:
+            rgb = folder.load_rgb(paths[index])
+            image = resize_and_crop_uint8(rgb, image_size, crop_size)
+            if cache:
+                memo[index] = image
+        return image
+
+    def load_batch(indices: np.ndarray) -> np.ndarray:
+        return np.stack([load_one(int(i)) for i in indices])
+
+    return load_batch
+
+
+def _normalize_tf(images_uint8: tf.Tensor) -> tf.Tensor:
+    """``normalize_uint8`` in TensorFlow (same float32 operations, same order)."""
+    scaled = tf.cast(images_uint8, tf.float32) / tf.constant(255.0, tf.float32)
+    return (scaled - tf.constant(_MEAN32)) / tf.constant(_STD32)
+
+
+def train_dataset(
+    samples: Sequence[folder.Sample],
+    *,
+    batch_size: int,
+    image_size: int,
+    crop_size: int,
+    seed: int,
+    batch_multiple: int = 1,
+    drop_remainder: bool = False,
+    cache: bool = True,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> tf.data.Dataset:
+    """Endless training batches, epoch after epoch, like a PyTorch DataLoader.
+
+    Each epoch visits this process's samples once in a fresh order drawn from
+    ``np.random.default_rng([seed, epoch])``. Batches do not cross epochs. With
+    ``drop_remainder=False`` the last batch of an epoch is partial (as with the
+    reference's ``drop_last=False``), rounded down to a multiple of
+    ``batch_multiple`` so it still splits evenly over the local devices, and
+    skipped if that leaves nothing.
+
+    Args:
+      samples: Training samples (all processes pass the same list).
+      batch_size: Per-process batch size.
+      image_size: Side of the square resize.
+      crop_size: Side of the center crop.
+      seed: Non-negative shuffling seed.
+      batch_multiple: Every batch size is a multiple of this (local devices).
+      drop_remainder: Drop each epoch's incomplete last batch.
+      cache: Keep decoded, resized images in memory after their first use.
+      process_index: This process's index; it reads
+        ``samples[process_index::process_count]``.
+      process_count: Number of processes.
+
+    Returns:
+      A ``tf.data.Dataset`` of ``{'image': float32 [b, crop, crop, 3]}``.
+
+    Raises:
+      ValueError: On inconsistent arguments or if an epoch would yield no batch.
+      folder.DatasetError: If an image file is missing.
+    """
+    _check_batch_args(batch_size, batch_multiple)
+    if seed < 0:
+        raise ValueError(f"seed must be non-negative, got {seed}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} not in [0, {process_count})")
+    if process_count > 1 and not drop_remainder:
+        raise ValueError(
+            "train_dataset with process_count > 1 needs drop_remainder=True: a "
+            "partial last batch cannot be kept the same size on every host, and "
+            "hosts that disagree on the global batch shape deadlock."
+        )
+    shard = list(samples)[process_index::process_count]
+    # Equal shard lengths keep every host on the same number of steps per epoch.
+    shard = shard[: len(samples) // process_count]
+    _check_files_exist(shard)
+    n = len(shard)
+    if _batches_per_epoch(n, batch_size, batch_multiple, drop_remainder) == 0:
+        raise ValueError(
+            f"the training set ({n} images on this process) yields no batch per "
+            f"epoch with batch_size={batch_size}, batch_multiple={batch_multiple}, "
+            f"drop_remainder={drop_remainder}"
+        )
+
+    epoch_indices = _epoch_permutation(seed, n)
+
+    def epoch_batches(epoch):
+        batches = tf.data.Dataset.from_tensor_slices(epoch_indices(epoch))
+        batches = batches.batch(batch_size, drop_remainder=drop_remainder)
+        if not drop_remainder and (n % batch_size) % batch_multiple:
+            batches = batches.map(lambda ix: _round_down(ix, batch_multiple))
+            batches = batches.filter(lambda ix: tf.size(ix) > 0)
+        return batches
+
+    load_batch = _image_loader([s.path for s in shard], image_size, crop_size, cache)
+
+    def load(indices):
+        images = tf.numpy_function(load_batch, [indices], tf.uint8, stateful=False)
+        images = tf.ensure_shape(images, [None, crop_size, crop_size, 3])
+        return {"image": _normalize_tf(images)}
+
+    ds = tf.data.Dataset.counter().flat_map(epoch_batches)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    return ds.prefetch(tf.data.AUTOTUNE)
+
+
+def _round_down(indices: tf.Tensor, multiple: int) -> tf.Tensor:
+    keep = (tf.shape(indices)[0] // multiple) * multiple
+    return indices[:keep]
+
+
+def _check_batch_args(batch_size: int, batch_multiple: int) -> None:
+    if batch_size < 1 or batch_multiple < 1:
+        raise ValueError(
+            f"batch_size ({batch_size}) and batch_multiple ({batch_multiple}) "
+            "must be positive"
+        )
+    if batch_size % batch_multiple:
+        raise ValueError(
+            f"batch_size {batch_size} is not a multiple of batch_multiple "
+            f"{batch_multiple} (the number of local devices)"
+        )
+
+
+# --------------------------------------------------------------------------
+# Evaluation pipeline.
+# --------------------------------------------------------------------------
+
+
+def _eval_loader(
+    samples: Sequence[folder.Sample], batch_size: int, image_size: int, crop_size: int
+):
+    """Returns a numpy function loading batch number ``b`` (zero padded)."""
+    n = len(samples)
+
+    def load_batch(batch_number):
+        start = int(batch_number) * batch_size
+        images = np.zeros((batch_size, crop_size, crop_size, 3), np.uint8)
+        masks = np.zeros((batch_size, crop_size, crop_size), bool)
+        valid = np.zeros((batch_size,), bool)
+        index = np.full((batch_size,), -1, np.int32)
+        for slot, i in enumerate(range(start, min(start + batch_size, n))):
+            sample = samples[i]
+            rgb = folder.load_rgb(sample.path)
+            images[slot] = resize_and_crop_uint8(rgb, image_size, crop_size)
+            mask = (
+                None if sample.mask_path is None else folder.load_mask(sample.mask_path)
+            )
+            masks[slot] = preprocess_mask(mask, image_size, crop_size)
+            valid[slot] = True
+            index[slot] = i
+        # The reference's image label is the max of the resized GT mask.
+        labels = masks.any(axis=(1, 2)).astype(np.int32)
+        return images, masks, labels, valid, index
+
+    return load_batch
+
+
+def eval_dataset(
+    samples: Sequence[folder.Sample],
+    *,
+    batch_size: int,
+    image_size: int,
+    crop_size: int,
+    batch_multiple: int = 1,
+    cache: bool = False,
+) -> tf.data.Dataset:
+    """Finite evaluation batches: every sample once, in order, last batch padded.
+
+    Args:
+      samples: Test samples (e.g. ``folder.scan_category(...).test``).
+      batch_size: Batch size; every batch has exactly this size.
+      image_size: Side of the square resize.
+      crop_size: Side of the center crop.
+      batch_multiple: ``batch_size`` must be a multiple of this (local devices).
+      cache: Keep the decoded batches in memory after the first full pass, for
+        repeated evaluations during training.
+
+    Returns:
+      A ``tf.data.Dataset`` of dicts: ``image`` float32 [b, crop, crop, 3],
+      ``mask`` bool [b, crop, crop], ``label`` int32 [b] (1 if the mask has any
+      pixel set), ``valid`` bool [b] (False for padding) and ``index`` int32 [b]
+      (position in ``samples``; -1 for padding). Padding entries are all zero.
+
+    Raises:
+      ValueError: If ``batch_size`` is not a multiple of ``batch_multiple`` or
+        ``samples`` is empty.
+      folder.DatasetError: If an image or mask file is missing.
+    """
+    _check_batch_args(batch_size, batch_multiple)
+    samples = list(samples)
+    if not samples:
+        raise ValueError("eval_dataset needs at least one sample")
+    _check_files_exist(samples)
+    center_crop_offsets(image_size, crop_size)
+    load_batch = _eval_loader(samples, batch_size, image_size, crop_size)
+    types = (tf.uint8, tf.bool, tf.int32, tf.bool, tf.int32)
+
+    def load(batch_number):
+        images, masks, labels, valid, index = tf.numpy_function(
+            load_batch, [batch_number], types, stateful=False
+        )
+        b, c = batch_size, crop_size
+        return {
+            "image": tf.ensure_shape(images, [b, c, c, 3]),
+            "mask": tf.ensure_shape(masks, [b, c, c]),
+            "label": tf.ensure_shape(labels, [b]),
+            "valid": tf.ensure_shape(valid, [b]),
+            "index": tf.ensure_shape(index, [b]),
+        }
+
+    def normalize(batch):
+        # Padding stays exactly zero rather than becoming normalized black.
+        valid = tf.reshape(batch["valid"], [-1, 1, 1, 1])
+        images = tf.where(valid, _normalize_tf(batch["image"]), 0.0)
+        return {**batch, "image": images}
+
+    num_batches = math.ceil(len(samples) / batch_size)
+    ds = tf.data.Dataset.range(num_batches)
+    ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    if cache:
+        ds = ds.cache()
+    ds = ds.map(normalize, num_parallel_calls=tf.data.AUTOTUNE)
+    return ds.prefetch(tf.data.AUTOTUNE)
