@@ -21,8 +21,20 @@ wide_resnet50_2 weights, which the random initialisation here does not give.
 from recontrast_jax import default_config
 
 MVTEC_CATEGORIES = (
-    "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather",
-    "metal_nut", "pill", "screw", "tile", "toothbrush", "transistor", "wood",
+    "bottle",
+    "cable",
+    "capsule",
+    "carpet",
+    "grid",
+    "hazelnut",
+    "leather",
+    "metal_nut",
+    "pill",
+    "screw",
+    "tile",
+    "toothbrush",
+    "transistor",
+    "wood",
     "zipper",
 )
 
@@ -30,7 +42,9 @@ MVTEC_CATEGORIES = (
 def get_config(category: str = "all"):
     config = default_config.get_config()
     if category != "all" and category not in MVTEC_CATEGORIES:
-        raise ValueError(f"Unknown MVTec category {category!r}; use one of {MVTEC_CATEGORIES} or 'all'.")
+        raise ValueError(
+            f"Unknown MVTec category {category!r}; use one of {MVTEC_CATEGORIES} or 'all'."
+        )
     config.data.source = "folder"
     config.data.categories = MVTEC_CATEGORIES if category == "all" else (category,)
     config.model.arch = "wide_resnet50_2"

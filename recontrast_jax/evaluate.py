@@ -111,7 +111,9 @@ def compute_metrics(result: SplitResult, has_masks: bool) -> dict[str, float]:
 def select_heatmap_indices(result: SplitResult, count: int) -> list[int]:
     """The highest-scored anomalous and the highest-scored normal images."""
     order = np.argsort(-result.scores, kind="stable")
-    anomalous = [int(i) for i in order if result.labels[i]][: max(count - count // 3, 1)]
+    anomalous = [int(i) for i in order if result.labels[i]][
+        : max(count - count // 3, 1)
+    ]
     normal = [int(i) for i in order if not result.labels[i]][: count // 3]
     return sorted(anomalous + normal)
 

@@ -21,7 +21,9 @@ flags.mark_flags_as_required(["config", "workdir"])
 def quiet_library_logs() -> None:
     """Hides Orbax's per-save INFO chatter; warnings and errors still show."""
     logging.get_absl_logger().addFilter(
-        lambda record: record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        lambda record: (
+            record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
+        )
     )
 
 

@@ -29,7 +29,9 @@ def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 
 
-def global_batch(mesh: Mesh, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(
+    mesh: Mesh, local_batch: dict[str, np.ndarray]
+) -> dict[str, jax.Array]:
     """Assembles this process's batch slice into globally sharded arrays.
 
     Args:

@@ -140,7 +140,9 @@ def train_step(
     return new_state, {"loss": loss, "alpha": alpha}
 
 
-def compile_train_step(config: ml_collections.ConfigDict, tx, mesh, encoder_train: bool):
+def compile_train_step(
+    config: ml_collections.ConfigDict, tx, mesh, encoder_train: bool
+):
     """Binds the static arguments and jits `train_step` over the mesh.
 
     The state is donated and stays replicated; the batch is sharded.
@@ -193,7 +195,9 @@ def prepare_workdir(workdir: str) -> None:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        raise WorkdirError(f"Workdir {workdir!r} is not writable: {e.strerror or e}") from e
+        raise WorkdirError(
+            f"Workdir {workdir!r} is not writable: {e.strerror or e}"
+        ) from e
 
 
 class WorkdirError(OSError):
@@ -264,8 +268,12 @@ def train_category(
         dataset = training_dataset(config, files.train)
         throughput = Throughput()
         bar = tqdm.tqdm(
-            total=total, initial=step, desc=f"{category} train", unit="step",
-            disable=jax.process_index() != 0, dynamic_ncols=True,
+            total=total,
+            initial=step,
+            desc=f"{category} train",
+            unit="step",
+            disable=jax.process_index() != 0,
+            dynamic_ncols=True,
         )
         with bar:
             for batch in input_pipeline.iterate_numpy(dataset):
@@ -289,18 +297,27 @@ def train_category(
                     last_metrics = evaluate.compute_metrics(
                         last_result, config.eval.pixel_metrics
                     )
-                    writer.scalars(step, {f"eval/{k}": v for k, v in last_metrics.items()})
+                    writer.scalars(
+                        step, {f"eval/{k}": v for k, v in last_metrics.items()}
+                    )
                     checkpointing.save(ckpt, step, state)
                 if step >= total:
                     break
     train_seconds = time.perf_counter() - train_start
     eval_start = time.perf_counter()
     if last_result is None:  # resumed after the end: evaluate the final state
-        last_result = evaluate.evaluate_split(predict_fn, state, files.test, config, mesh)
+        last_result = evaluate.evaluate_split(
+            predict_fn, state, files.test, config, mesh
+        )
         last_metrics = evaluate.compute_metrics(last_result, config.eval.pixel_metrics)
     if jax.process_index() == 0:
-        names = [os.path.relpath(s.path, os.path.join(root, category, "test")) for s in files.test]
-        evaluate.write_heatmaps(last_result, dirs["heatmaps"], config.report.num_heatmaps, names)
+        names = [
+            os.path.relpath(s.path, os.path.join(root, category, "test"))
+            for s in files.test
+        ]
+        evaluate.write_heatmaps(
+            last_result, dirs["heatmaps"], config.report.num_heatmaps, names
+        )
     writer.close()
     return {
         **last_metrics,
@@ -374,7 +391,9 @@ def summarize(results: dict[str, dict[str, float]]) -> dict:
     return {"categories": results, "mean": mean}
 
 
-def write_results(workdir: str, results: dict[str, dict[str, float]], title: str) -> None:
+def write_results(
+    workdir: str, results: dict[str, dict[str, float]], title: str
+) -> None:
     """Writes metrics.json and results.md atomically (process 0 only)."""
     if jax.process_index() != 0:
         return
@@ -395,7 +414,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains and evaluates one model per category; returns the summary dict."""
     prepare_workdir(workdir)
     if jax.process_index() == 0:
-        reports.atomic_write_text(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+        reports.atomic_write_text(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
     mesh = parallel.make_mesh()
     root = resolve_data_root(config)
     categories = category_list(config.data.categories) or folder.list_categories(root)

@@ -6,6 +6,8 @@ bilinear (triangle filter) resampling; and hand-computed crop offsets.
 """
 
 import itertools
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -204,6 +206,18 @@ def test_train_epochs_cover_all_images_reshuffled_and_reproducible(train_set):
     assert epochs(seed=4) != first
 
 
+def test_train_images_equal_preprocess_image_bit_for_bit(train_set):
+    # The pipeline normalises in TensorFlow; it must match the numpy function
+    # (itself checked against the oracle above) exactly, not just closely.
+    samples, _ = train_set
+    ds = _train(samples, batch_size=10, drop_remainder=True)
+    assert ds.element_spec["image"].shape.as_list() == [10, 8, 8, 3]
+    images = next(ip.iterate_numpy(ds))["image"]
+    expected = [ip.preprocess_image(folder.load_rgb(s.path), 10, 8) for s in samples]
+    for image in images:
+        assert any(np.array_equal(image, e) for e in expected)
+
+
 def test_train_multi_process_shards(train_set):
     samples, expected = train_set
     with pytest.raises(ValueError, match="drop_remainder"):
@@ -342,3 +356,42 @@ def test_corrupt_mask_error_names_path(tmp_path, eval_set):
     with pytest.raises(folder.DatasetError) as e:
         list(ip.iterate_numpy(ds))
     assert str(bad) in str(e.value)
+
+
+# --------------------------------------------------------------------------
+# Shutdown.
+# --------------------------------------------------------------------------
+
+_EXIT_SCRIPT = """
+import sys
+from recontrast_jax.data import folder, input_pipeline as ip
+samples = [folder.Sample(p, None, 0, "good") for p in sys.argv[1:]]
+kwargs = dict(batch_size=2, image_size=256, crop_size=256, seed=0, cache=False)
+raw = iter(ip.train_dataset(samples, **kwargs))
+wrapped = ip.iterate_numpy(ip.train_dataset(samples, **kwargs))
+next(raw), next(wrapped)
+print("exiting with live pipelines", flush=True)
+"""
+
+
+def test_exit_with_live_endless_pipelines_does_not_hang(tmp_path):
+    # Python callbacks still in flight when the interpreter finalises used to
+    # deadlock the process (their threads wait for the GIL forever); pipelines
+    # are stopped at exit instead. Large noise images keep decodes in flight.
+    paths = _save_images(tmp_path, [_random_image(i, 384, 384) for i in range(6)])
+    result = subprocess.run(
+        [sys.executable, "-c", _EXIT_SCRIPT, *paths],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "exiting with live pipelines" in result.stdout
+
+
+def test_numpy_iterator_close_ends_iteration(train_set):
+    samples, _ = train_set
+    with ip.iterate_numpy(_train(samples)) as iterator:
+        assert next(iterator)["image"].shape == (4, 8, 8, 3)
+    with pytest.raises(StopIteration):
+        next(iterator)

@@ -27,8 +27,10 @@ def random_levels(seed, shapes):
     targets = [rng.normal(size=s).astype(np.float32) for s in shapes]
     # Reconstructions correlated with the targets, so distances vary per point.
     recons = [
-        (t + rng.normal(size=t.shape) * rng.uniform(0.1, 2.0, size=t.shape[:3] + (1,)))
-        .astype(np.float32)
+        (
+            t
+            + rng.normal(size=t.shape) * rng.uniform(0.1, 2.0, size=t.shape[:3] + (1,))
+        ).astype(np.float32)
         for t in targets
     ]
     return targets, recons
@@ -41,7 +43,9 @@ SHAPES = [(2, 8, 8, 4), (2, 4, 4, 6), (2, 2, 2, 8)]
 def test_loss_value_is_unmasked_sum_over_levels(alpha):
     targets, recons = random_levels(0, SHAPES)
     value = losses.global_cosine_hard_mining(targets, recons, alpha)
-    expected = sum(numpy_global_cosine(t, r) for t, r in zip(targets, recons))
+    expected = sum(
+        numpy_global_cosine(t, r) for t, r in zip(targets, recons, strict=True)
+    )
     np.testing.assert_allclose(float(value), expected, rtol=1e-5)
 
 
@@ -59,10 +63,12 @@ def test_gradient_is_zero_below_threshold_and_unchanged_elsewhere():
                     t.reshape(t.shape[0], -1), x.reshape(x.shape[0], -1)
                 )
             )
-            for t, x in zip(targets, r)
+            for t, x in zip(targets, r, strict=True)
         )
     )(recons)
-    for t, r, g_mask, g_plain in zip(targets, recons, masked_grads, plain_grads):
+    for t, r, g_mask, g_plain in zip(
+        targets, recons, masked_grads, plain_grads, strict=True
+    ):
         dist = numpy_point_distance(t, r)
         threshold = dist.mean() + alpha * dist.reshape(-1).std(ddof=1)
         easy = dist < threshold
@@ -75,24 +81,38 @@ def test_gradient_is_zero_below_threshold_and_unchanged_elsewhere():
 
 def test_factor_scales_easy_gradients():
     targets, recons = random_levels(2, SHAPES[:1])
-    g0 = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 0.0))(recons)
-    g1 = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 1.0))(recons)
-    g_half = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 0.5))(recons)
+    g0 = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 0.0))(
+        recons
+    )
+    g1 = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 1.0))(
+        recons
+    )
+    g_half = jax.grad(lambda r: losses.global_cosine_hard_mining(targets, r, 1.0, 0.5))(
+        recons
+    )
     easy = np.asarray(g0[0]) == 0
-    np.testing.assert_allclose(np.asarray(g_half[0])[easy], 0.5 * np.asarray(g1[0])[easy], rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(g_half[0])[easy], 0.5 * np.asarray(g1[0])[easy], rtol=1e-6
+    )
 
 
 def test_target_receives_no_gradient():
     targets, recons = random_levels(3, SHAPES)
-    grads = jax.grad(lambda t: losses.global_cosine_hard_mining(t, recons, -3.0))(targets)
+    grads = jax.grad(lambda t: losses.global_cosine_hard_mining(t, recons, -3.0))(
+        targets
+    )
     assert all(float(jnp.abs(g).max()) == 0.0 for g in grads)
 
 
 def test_recontrast_loss_averages_both_directions():
     targets, recons = random_levels(4, SHAPES + SHAPES)
     value = losses.recontrast_loss(targets, recons, 1.0)
-    first = sum(numpy_global_cosine(t, r) for t, r in zip(targets[:3], recons[:3]))
-    second = sum(numpy_global_cosine(t, r) for t, r in zip(targets[3:], recons[3:]))
+    first = sum(
+        numpy_global_cosine(t, r) for t, r in zip(targets[:3], recons[:3], strict=True)
+    )
+    second = sum(
+        numpy_global_cosine(t, r) for t, r in zip(targets[3:], recons[3:], strict=True)
+    )
     np.testing.assert_allclose(float(value), first / 2 + second / 2, rtol=1e-5)
 
 

@@ -41,7 +41,10 @@ def test_encoder_shapes_and_counts(arch, channels, encoder_params):
     variables, _ = abstract_variables(arch)
     feats = jax.eval_shape(
         lambda v, x: resnet.ResNetEncoder(arch).apply(v, x, train=False),
-        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
+        {
+            "params": variables["params"]["encoder"],
+            "batch_stats": variables["batch_stats"]["encoder"],
+        },
         x,
     )
     assert [f.shape for f in feats] == [
@@ -58,7 +61,14 @@ def test_torchvision_style_names():
     enc = variables["params"]["encoder"]
     assert set(enc) >= {"conv1", "bn1", "layer1_0", "layer3_5"}
     assert set(enc["layer1_0"]) == {
-        "conv1", "bn1", "conv2", "bn2", "conv3", "bn3", "downsample_0", "downsample_1"
+        "conv1",
+        "bn1",
+        "conv2",
+        "bn2",
+        "conv3",
+        "bn3",
+        "downsample_0",
+        "downsample_1",
     }
     assert set(variables["batch_stats"]["encoder"]["bn1"]) == {"mean", "var"}
     dec = variables["params"]["decoder"]
@@ -81,14 +91,20 @@ def test_batchnorm_train_mode_follows_pytorch():
     mean = x64.mean((0, 1, 2))
     biased = x64.var((0, 1, 2))
     n = 4 * 3 * 5
-    expected = (x64 - mean) / np.sqrt(biased + 1e-5) * np.arange(1.0, 7.0) + np.linspace(-1, 1, 6)
+    expected = (x64 - mean) / np.sqrt(biased + 1e-5) * np.arange(
+        1.0, 7.0
+    ) + np.linspace(-1, 1, 6)
     np.testing.assert_allclose(np.asarray(y), expected, rtol=1e-4, atol=1e-4)
-    np.testing.assert_allclose(updated["batch_stats"]["mean"], 0.9 * 0.5 + 0.1 * mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        updated["batch_stats"]["mean"], 0.9 * 0.5 + 0.1 * mean, rtol=1e-5
+    )
     np.testing.assert_allclose(
         updated["batch_stats"]["var"], 0.9 * 2.0 + 0.1 * biased * n / (n - 1), rtol=1e-5
     )
     y_eval = bn.apply(variables, x, train=False)
-    expected_eval = (x64 - 0.5) / np.sqrt(2.0 + 1e-5) * np.arange(1.0, 7.0) + np.linspace(-1, 1, 6)
+    expected_eval = (x64 - 0.5) / np.sqrt(2.0 + 1e-5) * np.arange(
+        1.0, 7.0
+    ) + np.linspace(-1, 1, 6)
     np.testing.assert_allclose(np.asarray(y_eval), expected_eval, rtol=1e-5, atol=1e-5)
 
 
@@ -106,14 +122,18 @@ def naive_conv_nhwc(x, w_oihw, stride, pad):
     return out
 
 
-@pytest.mark.parametrize("kernel, stride, size", [(7, 2, 10), (3, 2, 8), (3, 1, 5), (1, 2, 6)])
+@pytest.mark.parametrize(
+    "kernel, stride, size", [(7, 2, 10), (3, 2, 8), (3, 1, 5), (1, 2, 6)]
+)
 def test_conv_padding_is_symmetric_like_pytorch(kernel, stride, size):
     rng = np.random.default_rng(kernel + stride)
     x = rng.normal(size=(1, size, size, 2)).astype(np.float32)
     w = rng.normal(size=(3, 2, kernel, kernel)).astype(np.float32)
     module = layers.conv(3, kernel, stride)
     y = module.apply({"params": {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0))}}, x)
-    np.testing.assert_allclose(np.asarray(y), naive_conv_nhwc(x, w, stride, kernel // 2), atol=1e-4)
+    np.testing.assert_allclose(
+        np.asarray(y), naive_conv_nhwc(x, w, stride, kernel // 2), atol=1e-4
+    )
 
 
 def test_transposed_conv_matches_pytorch_formula():
@@ -131,7 +151,9 @@ def test_transposed_conv_matches_pytorch_formula():
 
 
 def test_max_pool_pads_with_minus_infinity():
-    x = -np.ones((1, 4, 4, 1), np.float32) - np.arange(16, dtype=np.float32).reshape(1, 4, 4, 1)
+    x = -np.ones((1, 4, 4, 1), np.float32) - np.arange(16, dtype=np.float32).reshape(
+        1, 4, 4, 1
+    )
     y = np.asarray(layers.max_pool_3x3_s2(jnp.asarray(x)))
     expected = np.array([[-1, -2], [-5, -6]], np.float32)  # zero padding would give 0
     np.testing.assert_array_equal(y[0, :, :, 0], expected)
@@ -145,11 +167,17 @@ def test_cross_pairing_halves():
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
     frozen_a = recontrast.frozen_encoder_features(arch, frozen, x)
     frozen_b = [f * 1.5 + 0.3 for f in frozen_a]
-    run = lambda f: model.apply(variables, x, f, train=False, encoder_train=False)
+
+    def run(f):
+        return model.apply(variables, x, f, train=False, encoder_train=False)
+
     targets_a, recons_a = run(frozen_a)
     targets_b, recons_b = run(frozen_b)
     trainable = resnet.ResNetEncoder(arch).apply(
-        {"params": variables["params"]["encoder"], "batch_stats": variables["batch_stats"]["encoder"]},
+        {
+            "params": variables["params"]["encoder"],
+            "batch_stats": variables["batch_stats"]["encoder"],
+        },
         x,
         train=False,
     )

@@ -32,7 +32,9 @@ def tiny_config(root="", steps=3):
 def leaves_equal(a, b):
     return all(
         np.array_equal(x, y)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b))
+        for x, y in zip(
+            jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True
+        )
     )
 
 
@@ -47,7 +49,9 @@ def test_step_updates_what_it_should(encoder_train):
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     state = parallel.replicate(mesh, state)
     for _ in range(2):
-        state, metrics = step(state, parallel.global_batch(mesh, {"image": images})["image"])
+        state, metrics = step(
+            state, parallel.global_batch(mesh, {"image": images})["image"]
+        )
     after = jax.device_get(state)
     assert int(after.step) == 2
     assert np.isfinite(float(metrics["loss"]))
@@ -57,7 +61,9 @@ def test_step_updates_what_it_should(encoder_train):
         assert not leaves_equal(before.params[part], after.params[part]), part
     assert not leaves_equal(before.batch_stats["decoder"], after.batch_stats["decoder"])
     # Encoder running statistics move only when its BatchNorm is in train mode.
-    same_encoder_stats = leaves_equal(before.batch_stats["encoder"], after.batch_stats["encoder"])
+    same_encoder_stats = leaves_equal(
+        before.batch_stats["encoder"], after.batch_stats["encoder"]
+    )
     assert same_encoder_stats != encoder_train
 
 
@@ -76,7 +82,11 @@ def test_optimizer_groups_use_their_learning_rates():
 
 def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path):
     data = synthetic.ensure_embedded_dataset(
-        tmp_path / "data", image_size=48, num_train=6, num_test_good=3, num_test_per_defect=1
+        tmp_path / "data",
+        image_size=48,
+        num_train=6,
+        num_test_good=3,
+        num_test_per_defect=1,
     )
     workdir = tmp_path / "work"
     config = tiny_config(data, steps=3)
@@ -103,7 +113,8 @@ def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path):
     for c in ("brick", "gravel"):
         assert again["categories"][c]["train_seconds"] < 1.0
         np.testing.assert_allclose(
-            again["categories"][c]["image_auroc"], stored["categories"][c]["image_auroc"]
+            again["categories"][c]["image_auroc"],
+            stored["categories"][c]["image_auroc"],
         )
 
 

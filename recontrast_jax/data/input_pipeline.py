@@ -13,10 +13,15 @@ it never competes with JAX for device memory.
 
 from __future__ import annotations
 
+import atexit
+import gc
 import math
 import os
 import re
-from collections.abc import Iterator, Sequence
+import threading
+import time
+import weakref
+from collections.abc import Sequence
 
 # Must be set before TensorFlow is imported to silence its C++ INFO logs. TF 2.21
 # prints its oneDNN notice regardless of the log level unless oneDNN graph
@@ -137,35 +142,135 @@ def preprocess_mask(
 _DATASET_ERROR_RE = re.compile(r"DatasetError: (.*)")
 
 
-def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
+class NumpyIterator:
+    """Iterator over a dataset's batches as dicts of numpy arrays.
+
+    Besides converting wrapped data errors back into
+    :class:`folder.DatasetError`, it releases the underlying TensorFlow iterator
+    on :meth:`close`, on leaving a ``with`` block, or at interpreter exit. The
+    last matters: a tf.data iterator still alive when Python shuts down can
+    deadlock the process if a ``tf.numpy_function`` call is in flight (its thread
+    waits for the GIL that the finalising interpreter never hands over), which
+    happens whenever a program ends while an endless training pipeline is still
+    prefetching.
+    """
+
+    def __init__(self, dataset: tf.data.Dataset):
+        self._iterator = dataset.as_numpy_iterator()
+        _LIVE_ITERATORS.add(self)
+
+    def __iter__(self) -> NumpyIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            self.close()
+            raise
+        except tf.errors.OpError as e:
+            matches = _DATASET_ERROR_RE.findall(e.message or "")
+            if matches:
+                raise folder.DatasetError(matches[-1].strip()) from None
+            raise
+
+    def close(self) -> None:
+        """Stops the pipeline and frees its buffers; iteration then ends."""
+        self._iterator = None
+
+    def __enter__(self) -> NumpyIterator:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+_LIVE_ITERATORS: weakref.WeakSet[NumpyIterator] = weakref.WeakSet()
+
+
+class _CallbackGate:
+    """Lets pipelines reach Python only while the interpreter is not exiting.
+
+    Datasets iterated directly (not through :class:`NumpyIterator`) cannot be
+    closed at exit. Instead, at exit every later Python callback fails at once,
+    so the pipelines stop asking for Python within milliseconds (their buffers
+    fill with errors) and no thread is waiting for the GIL when the interpreter
+    finalises.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._closed = False
+        self._active = 0
+        self._last_call = time.monotonic()
+
+    def wrap(self, fn):
+        """Returns ``fn`` guarded by the gate (for use in tf.numpy_function)."""
+
+        def guarded(*args):
+            with self._lock:
+                self._last_call = time.monotonic()
+                if self._closed:
+                    raise RuntimeError("the Python interpreter is shutting down")
+                self._active += 1
+            try:
+                return fn(*args)
+            finally:
+                with self._lock:
+                    self._active -= 1
+
+        return guarded
+
+    def close_and_drain(self, quiet_seconds=0.05, timeout_seconds=2.0):
+        """Refuses new calls and waits until no callback has run for a moment."""
+        with self._lock:
+            self._closed = True
+        deadline = time.monotonic() + timeout_seconds
+        while time.monotonic() < deadline:
+            with self._lock:
+                idle = time.monotonic() - self._last_call
+                if self._active == 0 and idle > quiet_seconds:
+                    return
+            time.sleep(0.01)  # Releases the GIL so in-flight callbacks finish.
+
+
+_GATE = _CallbackGate()
+
+
+@atexit.register
+def _stop_pipelines_at_exit() -> None:
+    # atexit runs while the interpreter still works: threads blocked in a
+    # tf.numpy_function can still take the GIL and finish.
+    for iterator in list(_LIVE_ITERATORS):
+        iterator.close()
+    gc.collect()
+    _GATE.close_and_drain()
+
+
+def _numpy_function(fn, inputs, output_types):
+    """``tf.numpy_function`` (pure) through the exit gate."""
+    return tf.numpy_function(_GATE.wrap(fn), inputs, output_types, stateful=False)
+
+
+def iterate_numpy(dataset: tf.data.Dataset) -> NumpyIterator:
     """Iterates a dataset as dicts of numpy arrays, with readable data errors.
 
     TensorFlow wraps exceptions raised inside ``tf.numpy_function`` in an
     ``OpError`` whose text is a Python traceback; this turns them back into a
     :class:`folder.DatasetError` carrying the original message (which names the
-    file).
+    file). Prefer it to iterating a dataset directly: its iterator is also shut
+    down cleanly at interpreter exit (see :class:`NumpyIterator`).
 
     Args:
       dataset: A dataset from :func:`train_dataset` or :func:`eval_dataset`.
 
-    Yields:
-      Batches as dicts of numpy arrays.
-
-    Raises:
-      folder.DatasetError: If an image or mask cannot be read.
+    Returns:
+      An iterator of batches (dicts of numpy arrays); it raises
+      :class:`folder.DatasetError` if an image or mask cannot be read.
     """
-    iterator = dataset.as_numpy_iterator()
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except tf.errors.OpError as e:
-            matches = _DATASET_ERROR_RE.findall(e.message)
-            if matches:
-                raise folder.DatasetError(matches[-1].strip()) from None
-            raise
-        yield batch
+    return NumpyIterator(dataset)
 
 
 # --------------------------------------------------------------------------
@@ -176,9 +281,9 @@ def iterate_numpy(dataset: tf.data.Dataset) -> Iterator[dict[str, np.ndarray]]:
 def _check_files_exist(samples: Sequence[folder.Sample]) -> None:
     """Fails early, in Python, on missing files (cheaper than a wrapped error)."""
     for sample in samples:
-        for path in (sample.path, sample.mask_path):
+        for kind, path in (("image", sample.path), ("mask", sample.mask_path)):
             if path is not None and not os.path.isfile(path):
-                raise folder.DatasetError(f"image file {path} does not exist")
+                raise folder.DatasetError(f"{kind} file {path} does not exist")
 
 
 def _batches_per_epoch(n: int, batch_size: int, multiple: int, drop: bool) -> int:
@@ -194,7 +299,7 @@ def _epoch_permutation(seed: int, n: int):
         return rng.permutation(n).astype(np.int32)
 
     def epoch_indices(epoch):
-        perm = tf.numpy_function(permute, [epoch], tf.int32, stateful=False)
+        perm = _numpy_function(permute, [epoch], tf.int32)
         return tf.ensure_shape(perm, [n])
 
     return epoch_indices
@@ -220,7 +325,11 @@ def _image_loader(paths: Sequence[str], image_size: int, crop_size: int, cache: 
 
 
 def _normalize_tf(images_uint8: tf.Tensor) -> tf.Tensor:
-    """``normalize_uint8`` in TensorFlow (same float32 operations, same order)."""
+    """``normalize_uint8`` in TensorFlow, bit-identical to it.
+
+    The same float32 operations in the same order (IEEE division and
+    subtraction, nothing fused), so the outputs agree exactly.
+    """
     scaled = tf.cast(images_uint8, tf.float32) / tf.constant(255.0, tf.float32)
     return (scaled - tf.constant(_MEAN32)) / tf.constant(_STD32)
 
@@ -257,7 +366,9 @@ def train_dataset(
       drop_remainder: Drop each epoch's incomplete last batch.
       cache: Keep decoded, resized images in memory after their first use.
       process_index: This process's index; it reads
-        ``samples[process_index::process_count]``.
+        ``samples[process_index::process_count]``, cut to
+        ``len(samples) // process_count`` images so that every process runs
+        the same number of steps per epoch.
       process_count: Number of processes.
 
     Returns:
@@ -303,8 +414,10 @@ def train_dataset(
     load_batch = _image_loader([s.path for s in shard], image_size, crop_size, cache)
 
     def load(indices):
-        images = tf.numpy_function(load_batch, [indices], tf.uint8, stateful=False)
-        images = tf.ensure_shape(images, [None, crop_size, crop_size, 3])
+        images = _numpy_function(load_batch, [indices], tf.uint8)
+        # A static batch dimension when every batch is full.
+        batch_dim = batch_size if drop_remainder else None
+        images = tf.ensure_shape(images, [batch_dim, crop_size, crop_size, 3])
         return {"image": _normalize_tf(images)}
 
     ds = tf.data.Dataset.counter().flat_map(epoch_batches)
@@ -388,7 +501,7 @@ def eval_dataset(
       A ``tf.data.Dataset`` of dicts: ``image`` float32 [b, crop, crop, 3],
       ``mask`` bool [b, crop, crop], ``label`` int32 [b] (1 if the mask has any
       pixel set), ``valid`` bool [b] (False for padding) and ``index`` int32 [b]
-      (position in ``samples``; -1 for padding). Padding entries are all zero.
+      (position in ``samples``). Padding entries are zero, with index -1.
 
     Raises:
       ValueError: If ``batch_size`` is not a multiple of ``batch_multiple`` or
@@ -405,8 +518,8 @@ def eval_dataset(
     types = (tf.uint8, tf.bool, tf.int32, tf.bool, tf.int32)
 
     def load(batch_number):
-        images, masks, labels, valid, index = tf.numpy_function(
-            load_batch, [batch_number], types, stateful=False
+        images, masks, labels, valid, index = _numpy_function(
+            load_batch, [batch_number], types
         )
         b, c = batch_size, crop_size
         return {

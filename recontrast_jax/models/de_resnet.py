@@ -125,8 +125,12 @@ class Decoder(nn.Module):
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
         spec = get_arch(self.arch)
         f3 = run_decoder_stage(spec, x, "layer1", spec.planes[2], spec.layers[0], train)
-        f2 = run_decoder_stage(spec, f3, "layer2", spec.planes[1], spec.layers[1], train)
-        f1 = run_decoder_stage(spec, f2, "layer3", spec.planes[0], spec.layers[2], train)
+        f2 = run_decoder_stage(
+            spec, f3, "layer2", spec.planes[1], spec.layers[1], train
+        )
+        f1 = run_decoder_stage(
+            spec, f2, "layer3", spec.planes[0], spec.layers[2], train
+        )
         outputs = []
         for head_set in range(2):
             for level, feature in enumerate((f1, f2, f3), start=1):

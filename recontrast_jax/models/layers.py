@@ -7,6 +7,7 @@ Parameter names follow Flax conventions (`kernel`, `scale`, `bias`, batch stats
 from __future__ import annotations
 
 import math
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -131,4 +132,3 @@ def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
 def count_params(tree) -> int:
     """Number of scalar parameters in a pytree."""
     return sum(int(x.size) for x in jax.tree_util.tree_leaves(tree))
-

@@ -64,10 +64,15 @@ class ReContrast(nn.Module):
         trainable = self.encoder(x, train=encoder_train)
         if frozen_features is None:
             frozen_features = [jax.lax.stop_gradient(e) for e in trainable]
-        joint = [jnp.concatenate([e, f], axis=0) for e, f in zip(trainable, frozen_features)]
+        joint = [
+            jnp.concatenate([e, f], axis=0)
+            for e, f in zip(trainable, frozen_features, strict=True)
+        ]
         decoded = self.decoder(self.bottleneck(joint, train=train), train=train)
         batch = x.shape[0]
-        reconstructions = [d[:batch] for d in decoded[:3]] + [d[batch:] for d in decoded[3:]]
+        reconstructions = [d[:batch] for d in decoded[:3]] + [
+            d[batch:] for d in decoded[3:]
+        ]
         targets = [jax.lax.stop_gradient(f) for f in (*frozen_features, *trainable)]
         return targets, reconstructions
 
@@ -80,7 +85,9 @@ def frozen_encoder_features(
     return [jax.lax.stop_gradient(f) for f in features]
 
 
-def init_variables(arch: str, rng: jax.Array, image_size: int) -> tuple[Variables, Variables]:
+def init_variables(
+    arch: str, rng: jax.Array, image_size: int
+) -> tuple[Variables, Variables]:
     """Initialises ReContrast and the frozen encoder copy.
 
     Returns:

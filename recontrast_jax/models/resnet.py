@@ -70,7 +70,9 @@ ARCHS: dict[str, ArchSpec] = {
 def get_arch(name: str) -> ArchSpec:
     """Looks up an architecture by name, with a helpful error."""
     if name not in ARCHS:
-        raise ValueError(f"Unknown architecture {name!r}; choose one of {sorted(ARCHS)}")
+        raise ValueError(
+            f"Unknown architecture {name!r}; choose one of {sorted(ARCHS)}"
+        )
     return ARCHS[name]
 
 
@@ -167,7 +169,9 @@ class ResNetEncoder(nn.Module):
         x = nn.relu(BatchNorm(name="bn1")(x, train))
         x = max_pool_3x3_s2(x)
         features = []
-        for stage, (planes, blocks) in enumerate(zip(spec.planes, spec.layers)):
+        for stage, (planes, blocks) in enumerate(
+            zip(spec.planes, spec.layers, strict=True)
+        ):
             stride = 1 if stage == 0 else 2
             x = run_stage(spec, x, f"layer{stage + 1}", planes, blocks, stride, train)
             features.append(x)
