@@ -159,9 +159,9 @@ def test_max_pool_pads_with_minus_infinity():
     np.testing.assert_array_equal(y[0, :, :, 0], expected)
 
 
-def test_cross_pairing_halves():
+@pytest.mark.parametrize("arch", ["resnet_tiny", "resnet_tiny_bottleneck"])
+def test_cross_pairing_halves(arch):
     """Head set 0 is decoded from the trainable half, head set 1 from the frozen half."""
-    arch = "resnet_tiny"
     variables, frozen = recontrast.init_variables(arch, jax.random.key(1), 32)
     model = recontrast.ReContrast(arch)
     x = jax.random.normal(jax.random.key(2), (2, 32, 32, 3))
