@@ -210,7 +210,10 @@ def resolve_data_root(config: ml_collections.ConfigDict) -> str:
         return str(synthetic.ensure_embedded_dataset(config.data.root or None))
     if config.data.source == "folder":
         if not config.data.root:
-            raise ValueError("config.data.root must name an MVTec-layout folder.")
+            raise folder.DatasetError(
+                "config.data.root is empty: set it to an MVTec-layout folder, e.g. "
+                "--config.data.root=/data/mvtec_anomaly_detection"
+            )
         return config.data.root
     raise ValueError(
         f"Unknown config.data.source {config.data.source!r}; use 'embedded' or 'folder'."
@@ -250,81 +253,94 @@ def train_category(
     files = folder.scan_category(root, category)
     dirs = category_dirs(workdir, category)
     tx = make_optimizer(config.optimizer)
-    encoder_train = encoder_bn_train_mode(config, category)
     state = create_train_state(
         config.model.arch, config.data.crop_size, tx, jax.random.key(config.seed)
     )
     state = parallel.replicate(mesh, state)
     ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
     state = checkpointing.restore_latest(ckpt, state) or state
-    step_fn = compile_train_step(config, tx, mesh, encoder_train)
     predict_fn = evaluate.compile_predict(config, mesh)
+    evaluator = functools.partial(evaluate_state, predict_fn, files, config, mesh)
     writer = SummaryWriter(dirs["tensorboard"])
-    total = config.train.steps
-    step = int(jax.device_get(state.step))
-    train_start = time.perf_counter()
-    last_result, last_metrics = None, {}
-    if step < total:
-        dataset = training_dataset(config, files.train)
-        throughput = Throughput()
-        bar = tqdm.tqdm(
-            total=total,
-            initial=step,
-            desc=f"{category} train",
-            unit="step",
-            disable=jax.process_index() != 0,
-            dynamic_ncols=True,
-        )
-        with bar:
-            for batch in input_pipeline.iterate_numpy(dataset):
-                images = parallel.global_batch(mesh, batch)["image"]
-                state, step_metrics = step_fn(state, images)
-                step += 1
-                throughput.add(images.shape[0])
-                bar.update(1)
-                if step % config.train.log_every == 0 or step == total:
-                    scalars = host_scalars(step_metrics)
-                    scalars["images_per_second"] = throughput.report()
-                    bar.set_postfix(
-                        loss=f"{scalars['loss']:.4f}",
-                        img_s=f"{scalars['images_per_second']:.1f}",
-                    )
-                    writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-                if step % config.eval.every == 0 or step == total:
-                    last_result = evaluate.evaluate_split(
-                        predict_fn, state, files.test, config, mesh
-                    )
-                    last_metrics = evaluate.compute_metrics(
-                        last_result, config.eval.pixel_metrics
-                    )
-                    writer.scalars(
-                        step, {f"eval/{k}": v for k, v in last_metrics.items()}
-                    )
-                    checkpointing.save(ckpt, step, state)
-                if step >= total:
-                    break
-    train_seconds = time.perf_counter() - train_start
-    eval_start = time.perf_counter()
-    if last_result is None:  # resumed after the end: evaluate the final state
-        last_result = evaluate.evaluate_split(
-            predict_fn, state, files.test, config, mesh
-        )
-        last_metrics = evaluate.compute_metrics(last_result, config.eval.pixel_metrics)
+    start = time.perf_counter()
+    step_fn = compile_train_step(
+        config, tx, mesh, encoder_bn_train_mode(config, category)
+    )
+    state, last = run_training(
+        config, category, files, mesh, state, step_fn, evaluator, writer, ckpt
+    )
+    train_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if last is None:  # resumed after the end: evaluate the final state
+        last = evaluator(state)
+    result, metrics = last
     if jax.process_index() == 0:
-        names = [
-            os.path.relpath(s.path, os.path.join(root, category, "test"))
-            for s in files.test
-        ]
+        test_dir = os.path.join(root, category, "test")
+        names = [os.path.relpath(s.path, test_dir) for s in files.test]
         evaluate.write_heatmaps(
-            last_result, dirs["heatmaps"], config.report.num_heatmaps, names
+            result, dirs["heatmaps"], config.report.num_heatmaps, names
         )
     writer.close()
     return {
-        **last_metrics,
-        "steps": float(step),
+        **metrics,
+        "steps": float(jax.device_get(state.step)),
         "train_seconds": round(train_seconds, 2),
-        "report_seconds": round(time.perf_counter() - eval_start, 2),
+        "report_seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def evaluate_state(predict_fn, files, config, mesh, state):
+    """Evaluates `state` on the test split: (SplitResult, metrics dict)."""
+    result = evaluate.evaluate_split(predict_fn, state, files.test, config, mesh)
+    return result, evaluate.compute_metrics(result, config.eval.pixel_metrics)
+
+
+def run_training(
+    config, category, files, mesh, state, step_fn, evaluator, writer, ckpt
+):
+    """Steps from `state.step` to `config.train.steps`, logging, evaluating, saving.
+
+    Returns:
+      The final state and the last `(result, metrics)` evaluation, or None when
+      there was nothing left to train.
+    """
+    total = config.train.steps
+    step = int(jax.device_get(state.step))
+    if step >= total:
+        return state, None
+    last = None
+    throughput = Throughput()
+    bar = tqdm.tqdm(
+        total=total,
+        initial=step,
+        desc=f"{category} train",
+        unit="step",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    dataset = training_dataset(config, files.train)
+    with bar:
+        for batch in input_pipeline.iterate_numpy(dataset):
+            images = parallel.global_batch(mesh, batch)["image"]
+            state, step_metrics = step_fn(state, images)
+            step += 1
+            throughput.add(images.shape[0])
+            bar.update(1)
+            if step % config.train.log_every == 0 or step == total:
+                scalars = host_scalars(step_metrics)
+                scalars["images_per_second"] = throughput.report()
+                bar.set_postfix(
+                    loss=f"{scalars['loss']:.4f}",
+                    img_s=f"{scalars['images_per_second']:.1f}",
+                )
+                writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
+            if step % config.eval.every == 0 or step == total:
+                last = evaluator(state)
+                writer.scalars(step, {f"eval/{k}": v for k, v in last[1].items()})
+                checkpointing.save(ckpt, step, state)
+            if step >= total:
+                break
+    return state, last
 
 
 def training_dataset(config: ml_collections.ConfigDict, samples):
