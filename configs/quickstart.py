@@ -24,6 +24,7 @@ def get_config():
     config.data.image_size = 96
     config.data.crop_size = 96
     config.model.arch = "resnet_tiny"
+    config.model.pretrained = ""  # random init: nothing to download
     config.train.steps = 500
     config.train.batch_size = 16
     config.train.log_every = 10

@@ -28,6 +28,10 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
+    # Encoder weights: 'imagenet' = torchvision IMAGENET1K_V1 (downloaded from the
+    # Hugging Face Hub and cached), a file path (.safetensors/.pth/.npz/.msgpack),
+    # or '' for random initialisation.
+    config.model.pretrained = "imagenet"
     config.model.encoder_bn_train = True  # E's BatchNorm in train mode...
     config.model.encoder_bn_eval_categories = ()  # ...except for these categories
 

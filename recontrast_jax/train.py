@@ -21,6 +21,7 @@ import optax
 import tqdm
 
 from recontrast_jax import checkpointing, evaluate, losses, parallel, reports
+from recontrast_jax import pretrained as pretrained_lib
 from recontrast_jax.data import folder, input_pipeline, synthetic
 from recontrast_jax.models import recontrast
 
@@ -73,15 +74,37 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 
 def create_train_state(
-    arch: str, image_size: int, tx: optax.GradientTransformation, rng: jax.Array
+    arch: str,
+    image_size: int,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    pretrained: str = "",
 ) -> TrainState:
-    """Randomly initialised state; the frozen encoder is a copy of the encoder."""
+    """A fresh state; the frozen encoder is a copy of the encoder.
+
+    Args:
+      arch: encoder architecture.
+      image_size: side of the (square) training images.
+      tx: the optimiser.
+      rng: initialisation key (bottleneck, decoder, and encoder if not pretrained).
+      pretrained: '' for random initialisation, 'imagenet' for the torchvision
+        IMAGENET1K_V1 weights, or a weights file (see `pretrained.py`).
+    """
     variables, frozen = recontrast.init_variables(arch, rng, image_size)
-    params = variables["params"]
+    params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
+    if pretrained:
+        template = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
+        encoder = pretrained_lib.load_encoder_variables(arch, pretrained, template)
+        params["encoder"] = jax.tree_util.tree_map(jnp.asarray, encoder["params"])
+        batch_stats["encoder"] = jax.tree_util.tree_map(
+            jnp.asarray, encoder["batch_stats"]
+        )
+        # E_f = deepcopy(E): separate buffers, since the state is donated.
+        frozen = jax.tree_util.tree_map(jnp.array, encoder)
     return TrainState(
         step=jnp.zeros((), jnp.int32),
         params=params,
-        batch_stats=variables["batch_stats"],
+        batch_stats=batch_stats,
         opt_state=tx.init(params),
         frozen=frozen,
     )
@@ -253,12 +276,8 @@ def train_category(
     files = folder.scan_category(root, category)
     dirs = category_dirs(workdir, category)
     tx = make_optimizer(config.optimizer)
-    state = create_train_state(
-        config.model.arch, config.data.crop_size, tx, jax.random.key(config.seed)
-    )
-    state = parallel.replicate(mesh, state)
     ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
-    state = checkpointing.restore_latest(ckpt, state) or state
+    state = initial_state(config, tx, ckpt, mesh)
     predict_fn = evaluate.compile_predict(config, mesh)
     evaluator = functools.partial(evaluate_state, predict_fn, files, config, mesh)
     writer = SummaryWriter(dirs["tensorboard"])
@@ -287,6 +306,20 @@ def train_category(
         "train_seconds": round(train_seconds, 2),
         "report_seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def initial_state(config: ml_collections.ConfigDict, tx, ckpt, mesh) -> TrainState:
+    """The latest checkpoint if there is one, else a new (pretrained) state."""
+    resuming = ckpt.latest_step() is not None
+    state = create_train_state(
+        config.model.arch,
+        config.data.crop_size,
+        tx,
+        jax.random.key(config.seed),
+        "" if resuming else config.model.pretrained,
+    )
+    state = parallel.replicate(mesh, state)
+    return checkpointing.restore_latest(ckpt, state) if resuming else state
 
 
 def evaluate_state(predict_fn, files, config, mesh, state):

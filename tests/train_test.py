@@ -16,6 +16,7 @@ ARCH = "resnet_tiny"
 def tiny_config(root="", steps=3):
     config = default_config.get_config()
     config.model.arch = ARCH
+    config.model.pretrained = ""
     config.data.source = "folder"
     config.data.root = str(root)
     config.data.image_size = 32

@@ -1,0 +1,378 @@
+"""Pretrained weights: find, download, verify, read and convert to Flax.
+
+The encoders use torchvision's IMAGENET1K_V1 weights, as ReContrast and
+PatchCore do. They are read from the safetensors files that timm publishes for
+exactly those weights (`timm/<arch>.tv_in1k`; timm's state-dict keys are
+torchvision's), from a torchvision `.pth`, or from a converted `.npz`/`.msgpack`.
+
+One name mapping serves every direction: a Flax path such as
+`layer1_0/downsample_1/scale` is the torchvision key `layer1.0.downsample.1.weight`
+(module names ending in `_<n>` become `.<n>`). Conv kernels are transposed
+(O, I, kh, kw) -> (kh, kw, I, O); the decoder's transposed-conv kernels
+(I, O, kh, kw) -> (kh, kw, O, I) use the same transpose because the Flax module
+runs with `transpose_kernel=True`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+
+import flax.serialization
+import jax
+import numpy as np
+
+Variables = dict
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Weights cannot be found, downloaded, verified or read."""
+
+
+class ConversionError(ValueError):
+    """A state dict does not fit the Flax variable tree."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsInfo:
+    """Where the torchvision IMAGENET1K_V1 weights of one architecture live.
+
+    Attributes:
+      hf_repo: Hugging Face repository with `model.safetensors` (timm's copy of
+        the torchvision V1 weights).
+      torchvision_file: the original torchvision file name; its 8 hex digits
+        are the start of the file's sha256 (torchvision's own check).
+      sha256: the recorded sha256 of the safetensors file, or None if not recorded.
+    """
+
+    hf_repo: str
+    torchvision_file: str
+    sha256: str | None = None
+
+    @property
+    def torchvision_url(self) -> str:
+        return f"https://download.pytorch.org/models/{self.torchvision_file}"
+
+    @property
+    def hf_url(self) -> str:
+        return f"https://huggingface.co/{self.hf_repo}"
+
+
+SAFETENSORS_FILE = "model.safetensors"
+
+TORCHVISION_V1: dict[str, WeightsInfo] = {
+    "resnet18": WeightsInfo("timm/resnet18.tv_in1k", "resnet18-f37072fd.pth"),
+    "resnet34": WeightsInfo("timm/resnet34.tv_in1k", "resnet34-b627a593.pth"),
+    "resnet50": WeightsInfo("timm/resnet50.tv_in1k", "resnet50-0676ba61.pth"),
+    "wide_resnet50_2": WeightsInfo(
+        "timm/wide_resnet50_2.tv_in1k",
+        "wide_resnet50_2-95faca4d.pth",
+        "df6fb6c4824769769de18e14088475fd6ee94236849aa4e5d8022ba9d9a9a16c",
+    ),
+    "wide_resnet101_2": WeightsInfo(
+        "timm/wide_resnet101_2.tv_in1k", "wide_resnet101_2-32ee1156.pth"
+    ),
+}
+
+# torchvision keys that the encoders here never use (ReContrast drops layer4/fc).
+ENCODER_UNUSED = (r"^layer4\.", r"^fc\.")
+
+_FLAX_TO_TORCH_LEAF = {
+    ("params", "kernel"): "weight",
+    ("params", "scale"): "weight",
+    ("params", "bias"): "bias",
+    ("batch_stats", "mean"): "running_mean",
+    ("batch_stats", "var"): "running_var",
+}
+
+
+# ----------------------------------------------------------------------------
+# Name and layout mapping
+
+
+def torch_key(collection: str, path: tuple[str, ...]) -> str:
+    """The torchvision state-dict key of a Flax leaf.
+
+    Args:
+      collection: 'params' or 'batch_stats'.
+      path: module names then the leaf name, e.g. ('layer1_0', 'bn1', 'scale').
+    """
+    modules = [re.sub(r"_(\d+)$", r".\1", name) for name in path[:-1]]
+    leaf = _FLAX_TO_TORCH_LEAF.get((collection, path[-1]))
+    if leaf is None:
+        raise ConversionError(f"No torch name for {collection}/{'/'.join(path)}")
+    return ".".join([*modules, leaf])
+
+
+def to_flax_layout(array: np.ndarray) -> np.ndarray:
+    """Conv weights (O, I, kh, kw) -> (kh, kw, I, O); other tensors unchanged."""
+    return np.transpose(array, (2, 3, 1, 0)) if array.ndim == 4 else array
+
+
+def to_torch_layout(array: np.ndarray) -> np.ndarray:
+    """Inverse of `to_flax_layout`."""
+    return np.transpose(array, (3, 2, 0, 1)) if array.ndim == 4 else array
+
+
+def _flax_leaves(variables: Mapping) -> Iterable[tuple[str, tuple[str, ...], object]]:
+    for collection in ("params", "batch_stats"):
+        tree = variables.get(collection, {})
+        for key_path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            yield collection, tuple(k.key for k in key_path), leaf
+
+
+def _set_leaf(tree: dict, path: tuple[str, ...], value) -> None:
+    for name in path[:-1]:
+        tree = tree.setdefault(name, {})
+    tree[path[-1]] = value
+
+
+def variables_to_state_dict(
+    variables: Mapping, prefix: str = ""
+) -> dict[str, np.ndarray]:
+    """Flax {'params', 'batch_stats'} -> torchvision-style state dict (numpy)."""
+    return {
+        prefix + torch_key(collection, path): to_torch_layout(np.asarray(leaf))
+        for collection, path, leaf in _flax_leaves(variables)
+    }
+
+
+def _ignored(key: str, ignore: Iterable[str]) -> bool:
+    return key.endswith("num_batches_tracked") or any(re.search(p, key) for p in ignore)
+
+
+def state_dict_to_variables(
+    state_dict: Mapping[str, np.ndarray],
+    template: Mapping,
+    prefix: str = "",
+    ignore: Iterable[str] = (),
+) -> Variables:
+    """Converts the part of `state_dict` under `prefix` to the tree of `template`.
+
+    Args:
+      state_dict: torch-style names -> arrays (numpy or anything np.asarray takes).
+      template: Flax variables (arrays or ShapeDtypeStructs) giving the structure.
+      prefix: key prefix of the part to convert, e.g. 'encoder.'.
+      ignore: regexes (matched against the key without prefix) of keys that may
+        be present and are dropped; `num_batches_tracked` is always dropped.
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} as float32 numpy arrays.
+
+    Raises:
+      ConversionError: listing every missing, unexpected and mis-shaped key.
+    """
+    out: dict = {}
+    missing, misshaped, expected = [], [], set()
+    for collection, path, leaf in _flax_leaves(template):
+        key = prefix + torch_key(collection, path)
+        expected.add(key)
+        if key not in state_dict:
+            missing.append(key)
+            continue
+        value = to_flax_layout(np.array(state_dict[key], dtype=np.float32, copy=True))
+        if value.shape != tuple(leaf.shape):
+            misshaped.append(
+                f"{key}: got {value.shape}, expected {tuple(leaf.shape)} (Flax layout)"
+            )
+            continue
+        _set_leaf(out.setdefault(collection, {}), path, value)
+    unexpected = [
+        k
+        for k in state_dict
+        if k.startswith(prefix)
+        and k not in expected
+        and not _ignored(k[len(prefix) :], ignore)
+    ]
+    if missing or unexpected or misshaped:
+        raise ConversionError(
+            _conversion_report(prefix, missing, unexpected, misshaped)
+        )
+    return out
+
+
+def _conversion_report(prefix, missing, unexpected, misshaped, limit: int = 15) -> str:
+    lines = [f"State dict does not match the model (prefix {prefix!r}):"]
+    for title, keys in (
+        ("missing", missing),
+        ("unexpected", unexpected),
+        ("mis-shaped", misshaped),
+    ):
+        if keys:
+            lines.append(f"  {len(keys)} {title}:")
+            lines += [f"    {k}" for k in sorted(keys)[:limit]]
+            if len(keys) > limit:
+                lines.append(f"    ... and {len(keys) - limit} more")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------
+# Reading files
+
+
+def read_state_dict(path: str) -> dict[str, np.ndarray]:
+    """Reads a state dict from `.safetensors`, `.pth`/`.pt`/`.bin` or `.npz`.
+
+    `.pth` needs PyTorch (loaded with `weights_only=True`); checkpoints that wrap
+    the state dict under 'state_dict' or 'model' are unwrapped.
+    """
+    if not os.path.isfile(path):
+        raise PretrainedWeightsError(f"Weights file {path!r} does not exist.")
+    suffix = os.path.splitext(path)[1].lower()
+    try:
+        if suffix == ".safetensors":
+            from safetensors.numpy import load_file
+
+            return dict(load_file(path))
+        if suffix == ".npz":
+            with np.load(path) as data:
+                return {k: data[k] for k in data.files}
+        if suffix in (".pth", ".pt", ".bin"):
+            return _read_torch(path)
+    except PretrainedWeightsError:
+        raise
+    except Exception as e:  # corrupt files raise many different types
+        raise PretrainedWeightsError(f"Cannot read weights file {path!r}: {e}") from e
+    raise PretrainedWeightsError(
+        f"Unsupported weights file {path!r}: use .safetensors, .pth/.pt, .npz or .msgpack."
+    )
+
+
+def _read_torch(path: str) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise PretrainedWeightsError(
+            f"Reading {path!r} needs PyTorch, which is not installed. Install it "
+            "(pip install torch) or use the .safetensors file of the same weights."
+        ) from e
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("state_dict", "model"):
+        if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+    if not isinstance(checkpoint, dict):
+        raise PretrainedWeightsError(f"{path!r} does not hold a state dict.")
+    return {
+        k: v.detach().cpu().float().numpy()
+        if v.is_floating_point()
+        else v.cpu().numpy()
+        for k, v in checkpoint.items()
+        if hasattr(v, "detach")
+    }
+
+
+def sha256_of(path: str) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_torchvision_file_hash(path: str) -> None:
+    """Checks `<name>-<8 hex>.pth` files against the hash prefix in their name."""
+    match = re.search(r"-([0-9a-f]{8,})\.pth$", os.path.basename(path))
+    if match and not sha256_of(path).startswith(match.group(1)):
+        raise PretrainedWeightsError(
+            f"{path!r} is corrupt or not the file its name says: its sha256 does not "
+            f"start with {match.group(1)}. Download it again."
+        )
+
+
+# ----------------------------------------------------------------------------
+# Locating the weights of an architecture
+
+
+def download_v1_weights(arch: str, downloader: Callable | None = None) -> str:
+    """Downloads (or finds in the Hugging Face cache) the V1 safetensors file.
+
+    Honours HF_HUB_OFFLINE and the usual Hugging Face cache variables. Verifies
+    the file against the recorded sha256 when one is recorded.
+
+    Returns:
+      The local path of `model.safetensors`.
+    """
+    info = weights_info(arch)
+    if downloader is None:
+        from huggingface_hub import hf_hub_download as downloader
+    try:
+        path = downloader(repo_id=info.hf_repo, filename=SAFETENSORS_FILE)
+    except Exception as e:  # offline, no network, repository moved...
+        raise PretrainedWeightsError(offline_instructions(arch, e)) from e
+    if info.sha256 and sha256_of(path) != info.sha256:
+        raise PretrainedWeightsError(
+            f"{path!r} (from {info.hf_url}) does not have the recorded sha256 "
+            f"{info.sha256}; delete it and download again."
+        )
+    return path
+
+
+def weights_info(arch: str) -> WeightsInfo:
+    if arch not in TORCHVISION_V1:
+        raise PretrainedWeightsError(
+            f"No pretrained ImageNet weights are known for {arch!r}; "
+            f"known: {sorted(TORCHVISION_V1)}. Set config.model.pretrained='' to "
+            "train from random initialisation, or give a weights file path."
+        )
+    return TORCHVISION_V1[arch]
+
+
+def offline_instructions(arch: str, error: Exception) -> str:
+    """What to download, from where, and which config field to set."""
+    info = weights_info(arch)
+    return (
+        f"Could not download the torchvision IMAGENET1K_V1 weights of {arch} "
+        f"({type(error).__name__}: {error}).\n"
+        f"Download {SAFETENSORS_FILE} from {info.hf_url} (or {info.torchvision_file} "
+        f"from {info.torchvision_url}) on a machine with internet access and set\n"
+        f"  --config.model.pretrained=/path/to/that/file\n"
+        "Do not use torchvision's weights='DEFAULT' (IMAGENET1K_V2) or timm's "
+        f"default {arch} weights: they are different models."
+    )
+
+
+def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variables:
+    """Encoder variables from `source`: 'imagenet' (V1 download) or a file path.
+
+    Args:
+      arch: encoder architecture.
+      source: 'imagenet' or a path to .safetensors/.pth/.pt/.npz (torchvision
+        key names) or .msgpack (Flax variables saved with flax.serialization).
+      template: the encoder's Flax variables (arrays or ShapeDtypeStructs).
+    """
+    path = download_v1_weights(arch) if source == "imagenet" else source
+    if path.lower().endswith(".msgpack"):
+        return _read_msgpack(path, template)
+    if path.lower().endswith(".pth"):
+        verify_torchvision_file_hash(path)
+    state_dict = read_state_dict(path)
+    try:
+        return state_dict_to_variables(state_dict, template, ignore=ENCODER_UNUSED)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from e
+
+
+def _read_msgpack(path: str, template: Mapping) -> Variables:
+    if not os.path.isfile(path):
+        raise PretrainedWeightsError(f"Weights file {path!r} does not exist.")
+    with open(path, "rb") as f:
+        restored = flax.serialization.msgpack_restore(f.read())
+    # Check names and shapes through the same mapping as every other format.
+    try:
+        return state_dict_to_variables(variables_to_state_dict(restored), template)
+    except ConversionError as e:
+        raise ConversionError(f"{path}: {e}") from e
+
+
+def save_msgpack(path: str, variables: Mapping) -> None:
+    """Writes Flax variables as msgpack (readable by `load_encoder_variables`)."""
+    from recontrast_jax import reports
+
+    data = flax.serialization.msgpack_serialize(
+        jax.tree_util.tree_map(np.asarray, dict(variables))
+    )
+    reports.atomic_write_bytes(path, data)
