@@ -62,16 +62,26 @@ def recontrast_variables_from_state_dict(
             + (" ..." if len(stray) > 10 else "")
         )
     variables = {"params": {}, "batch_stats": {}}
+    frozen, problems = None, []
     for prefix, part, ignore in PARTS:
         part_template = {c: template[c][part] for c in ("params", "batch_stats")}
-        converted = pretrained.state_dict_to_variables(
-            state_dict, part_template, prefix, ignore
-        )
+        try:
+            converted = pretrained.state_dict_to_variables(
+                state_dict, part_template, prefix, ignore
+            )
+        except pretrained.ConversionError as e:
+            problems.append(str(e))
+            continue
         for collection in ("params", "batch_stats"):
             variables[collection][part] = converted[collection]
-    frozen = pretrained.state_dict_to_variables(
-        state_dict, frozen_template, FROZEN_PREFIX, pretrained.ENCODER_UNUSED
-    )
+    try:
+        frozen = pretrained.state_dict_to_variables(
+            state_dict, frozen_template, FROZEN_PREFIX, pretrained.ENCODER_UNUSED
+        )
+    except pretrained.ConversionError as e:
+        problems.append(str(e))
+    if problems:  # report every part at once
+        raise pretrained.ConversionError("\n".join(problems))
     return variables, frozen
 
 

@@ -113,8 +113,10 @@ def to_flax_layout(array: np.ndarray) -> np.ndarray:
 
 
 def to_torch_layout(array: np.ndarray) -> np.ndarray:
-    """Inverse of `to_flax_layout`."""
-    return np.transpose(array, (3, 2, 0, 1)) if array.ndim == 4 else array
+    """Inverse of `to_flax_layout` (C-contiguous, as safetensors writers need)."""
+    return np.ascontiguousarray(
+        np.transpose(array, (3, 2, 0, 1)) if array.ndim == 4 else array
+    )
 
 
 def _flax_leaves(variables: Mapping) -> Iterable[tuple[str, tuple[str, ...], object]]:
