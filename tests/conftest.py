@@ -11,3 +11,19 @@ try:
     import torchvision  # noqa: F401
 except ImportError:
     pass
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """A small embedded dataset (48 px, 6 training images per category)."""
+    from recontrast_jax.data import synthetic
+
+    return synthetic.ensure_embedded_dataset(
+        tmp_path / "data",
+        image_size=48,
+        num_train=6,
+        num_test_good=3,
+        num_test_per_defect=1,
+    )

@@ -183,9 +183,7 @@ def authors_state_dict(variables, frozen):
     return {"module." + k: v for k, v in state_dict.items()}  # as nn.DataParallel saves
 
 
-def test_convert_writes_a_checkpoint_main_evaluates(tmp_path):
-    from recontrast_jax.data import synthetic
-
+def test_convert_writes_a_checkpoint_main_evaluates(tmp_path, tiny_dataset):
     variables, frozen = real_variables(seed=2)
     frozen["batch_stats"] = jax.tree_util.tree_map(
         lambda a: a * 1.5, frozen["batch_stats"]
@@ -193,16 +191,9 @@ def test_convert_writes_a_checkpoint_main_evaluates(tmp_path):
     path = str(tmp_path / "recontrast_brick.safetensors")
     save_file(authors_state_dict(variables, frozen), path)
 
-    data = synthetic.ensure_embedded_dataset(
-        tmp_path / "data",
-        image_size=40,
-        num_train=4,
-        num_test_good=2,
-        num_test_per_defect=1,
-    )
     config = default_config.get_config()
     config.model.arch = ARCH
-    config.data.root = str(data)
+    config.data.root = str(tiny_dataset)
     config.data.categories = ("brick",)
     config.data.image_size = config.data.crop_size = 32
     config.train.steps = 7

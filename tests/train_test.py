@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from recontrast_jax import default_config, parallel, train
-from recontrast_jax.data import synthetic
 
 ARCH = "resnet_tiny"
 
@@ -81,16 +80,9 @@ def test_optimizer_groups_use_their_learning_rates():
     np.testing.assert_allclose(updates["decoder"], -2e-3 * 1.5, rtol=1e-5)
 
 
-def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path):
-    data = synthetic.ensure_embedded_dataset(
-        tmp_path / "data",
-        image_size=48,
-        num_train=6,
-        num_test_good=3,
-        num_test_per_defect=1,
-    )
+def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path, tiny_dataset):
     workdir = tmp_path / "work"
-    config = tiny_config(data, steps=3)
+    config = tiny_config(tiny_dataset, steps=3)
     config.data.categories = ("brick", "gravel")
     summary = train.train_and_evaluate(config, str(workdir))
     stored = json.loads((workdir / "metrics.json").read_text())
