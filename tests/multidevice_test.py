@@ -65,6 +65,9 @@ def run_with_devices(tmp_path, devices):
 def test_one_and_two_devices_give_the_same_training(tmp_path):
     one = run_with_devices(tmp_path, 1)
     two = run_with_devices(tmp_path, 2)
+    print(
+        f"max |loss_1dev - loss_2dev| = {np.abs(one['losses'] - two['losses']).max():.3g}"
+    )
     np.testing.assert_allclose(one["losses"], two["losses"], atol=1e-5, rtol=0)
     assert len(one.files) == len(two.files) > 10
     worst = 0.0
