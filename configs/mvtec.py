@@ -49,6 +49,7 @@ def get_config(category: str = "all"):
             f"Unknown MVTec category {category!r}; use one of {MVTEC_CATEGORIES} or 'all'."
         )
     config.data.source = "folder"
+    config.data.tfds_name = "mvtec_ad"  # for --config.data.source=tfds
     config.data.categories = MVTEC_CATEGORIES if category == "all" else (category,)
     config.model.arch = "wide_resnet50_2"
     config.model.pretrained = "imagenet"

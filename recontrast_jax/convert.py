@@ -24,6 +24,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from recontrast_jax import checkpointing, parallel, pretrained, train
+from recontrast_jax.data import sources
 from recontrast_jax.models import recontrast
 
 # (state-dict prefix, Flax part, keys of the part that PyTorch has but Flax drops)
@@ -133,7 +134,7 @@ def main(argv):
     config = FLAGS.config
     category = FLAGS.category
     if category is None:
-        categories = train.category_list(config.data.categories)
+        categories = sources.category_list(config.data.categories)
         if len(categories) != 1:
             sys.exit("error: pass --category (the config names several or none).")
         category = categories[0]

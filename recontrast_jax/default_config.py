@@ -10,6 +10,8 @@ import ml_collections
 
 # ReContrast's MVTec script keeps the encoder BatchNorm in eval mode for these.
 MVTEC_ENCODER_BN_EVAL = ("toothbrush", "leather", "grid", "tile", "wood", "screw")
+# ... and its VisA script for these.
+VISA_ENCODER_BN_EVAL = ("cashew", "pcb1")
 
 
 def get_config() -> ml_collections.ConfigDict:
@@ -19,9 +21,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 111  # setup_seed(111) at the start of every category
 
     config.data = ml_collections.ConfigDict()
-    config.data.source = "folder"  # 'folder' (MVTec layout) or 'embedded'
-    config.data.root = ""  # dataset root; for 'embedded', '' uses the cache dir
-    config.data.categories = ()  # () = every category found under root
+    # 'folder' (MVTec layout), 'medical_folder' (train/NORMAL, test/<CLASS>),
+    # 'tfds' (a builder of recontrast_jax.data) or 'embedded'; see data/sources.py.
+    config.data.source = "folder"
+    config.data.root = ""  # dataset folder; for 'embedded', '' uses the cache dir
+    config.data.categories = ()  # () = every category the source has
+    config.data.tfds_name = ""  # for 'tfds': mvtec_ad, visa, aptos2019, oct2017, ...
+    config.data.tfds_data_dir = ""  # for 'tfds': TFDS data dir ('' = TFDS default)
+    config.data.tfds_manual_dir = ""  # for 'tfds': downloaded archives, to prepare
     config.data.image_size = 256  # Resize((s, s)), PIL bilinear with antialias
     config.data.crop_size = 256  # CenterCrop after resizing
     config.data.cache = True  # keep decoded training images in memory
@@ -65,4 +72,21 @@ def get_config() -> ml_collections.ConfigDict:
     config.report = ml_collections.ConfigDict()
     config.report.title = "ReContrast"
     config.report.num_heatmaps = 8  # heatmap panels written per category
+    return config
+
+
+def medical_config(name: str) -> ml_collections.ConfigDict:
+    """Shared settings of the medical scripts (APTOS, OCT2017, ISIC2018).
+
+    A `train/NORMAL`, `test/<CLASS>` folder, batch 32, 1000 iterations, image
+    score = max of the map, image-level metrics only (AUROC; F1 and accuracy at
+    the F1-optimal threshold, chosen on the test set as the reference does).
+    """
+    config = get_config()
+    config.data.source = "medical_folder"
+    config.data.categories = (name,)
+    config.train.steps = 1000
+    config.train.batch_size = 32
+    config.eval.batch_size = 32
+    config.eval.pixel_metrics = False
     return config

@@ -22,7 +22,7 @@ import tqdm
 
 from recontrast_jax import checkpointing, evaluate, losses, parallel, reports
 from recontrast_jax import pretrained as pretrained_lib
-from recontrast_jax.data import folder, input_pipeline, synthetic
+from recontrast_jax.data import input_pipeline, sources
 from recontrast_jax.models import recontrast
 
 
@@ -227,22 +227,6 @@ class WorkdirError(OSError):
     """The workdir cannot be created or written."""
 
 
-def resolve_data_root(config: ml_collections.ConfigDict) -> str:
-    """The MVTec-layout root the config points at (generating the embedded set)."""
-    if config.data.source == "embedded":
-        return str(synthetic.ensure_embedded_dataset(config.data.root or None))
-    if config.data.source == "folder":
-        if not config.data.root:
-            raise folder.DatasetError(
-                "config.data.root is empty: set it to an MVTec-layout folder, e.g. "
-                "--config.data.root=/data/mvtec_anomaly_detection"
-            )
-        return config.data.root
-    raise ValueError(
-        f"Unknown config.data.source {config.data.source!r}; use 'embedded' or 'folder'."
-    )
-
-
 def encoder_bn_train_mode(config: ml_collections.ConfigDict, category: str) -> bool:
     """Whether E's BatchNorm runs in train mode for `category` (spec 1.1)."""
     return bool(config.model.encoder_bn_train) and (
@@ -262,7 +246,6 @@ def category_dirs(workdir: str, category: str) -> dict[str, str]:
 def train_category(
     config: ml_collections.ConfigDict,
     workdir: str,
-    root: str,
     category: str,
     mesh,
 ) -> dict[str, float]:
@@ -273,7 +256,7 @@ def train_category(
     Returns:
       The metrics of the last evaluation (at step T), plus timings.
     """
-    files = folder.scan_category(root, category)
+    files = sources.category_files(config, category)
     dirs = category_dirs(workdir, category)
     tx = make_optimizer(config.optimizer)
     ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
@@ -294,8 +277,7 @@ def train_category(
         last = evaluator(state)
     result, metrics = last
     if jax.process_index() == 0:
-        test_dir = os.path.join(root, category, "test")
-        names = [os.path.relpath(s.path, test_dir) for s in files.test]
+        names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
         evaluate.write_heatmaps(
             result, dirs["heatmaps"], config.report.num_heatmaps, names
         )
@@ -423,6 +405,8 @@ class SummaryWriter:
 
 REPORTED_METRICS = (
     "image_auroc",
+    "f1",
+    "accuracy",
     "pixel_auroc",
     "aupro",
     "aupro_recontrast_per_image",
@@ -453,12 +437,6 @@ def write_results(
     reports.atomic_write_text(os.path.join(workdir, "results.md"), table)
 
 
-def category_list(value) -> list[str]:
-    """Categories from a tuple or a comma-separated command-line string."""
-    items = [value] if isinstance(value, str) else list(value)
-    return [name.strip() for item in items for name in item.split(",") if name.strip()]
-
-
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Trains and evaluates one model per category; returns the summary dict."""
     prepare_workdir(workdir)
@@ -467,10 +445,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
         )
     mesh = parallel.make_mesh()
-    root = resolve_data_root(config)
-    categories = category_list(config.data.categories) or folder.list_categories(root)
     results = {}
-    for category in categories:
-        results[category] = train_category(config, workdir, root, category, mesh)
+    for category in sources.category_names(config):
+        results[category] = train_category(config, workdir, category, mesh)
         write_results(workdir, results, config.report.title)
     return summarize(results)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from recontrast_jax import default_config, parallel, train
+from recontrast_jax.data import sources
 
 ARCH = "resnet_tiny"
 
@@ -129,6 +130,6 @@ def test_read_only_workdir_is_named(tmp_path):
 
 
 def test_category_list_accepts_command_line_strings():
-    assert train.category_list("brick, grass,") == ["brick", "grass"]
-    assert train.category_list(("a", "b")) == ["a", "b"]
-    assert train.category_list(()) == []
+    assert sources.category_list("brick, grass,") == ["brick", "grass"]
+    assert sources.category_list(("a", "b")) == ["a", "b"]
+    assert sources.category_list(()) == []

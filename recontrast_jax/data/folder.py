@@ -17,6 +17,7 @@ offending path and what is wrong with it.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 
 import numpy as np
@@ -40,12 +41,21 @@ class Sample:
       mask_path: Ground-truth mask path, or None for good images.
       label: 0 for good images, 1 for defective ones.
       defect_type: Name of the folder under ``test/`` ("good" for normal images).
+      image_bytes: The encoded image itself, for sources that are not files
+        (TFDS); ``path`` then only names it.
+      mask_bytes: The encoded mask, likewise (None: no mask, or ``mask_path``).
     """
 
     path: str
     mask_path: str | None
     label: int
     defect_type: str
+    image_bytes: bytes | None = dataclasses.field(default=None, repr=False)
+    mask_bytes: bytes | None = dataclasses.field(default=None, repr=False)
+
+    @property
+    def has_mask(self) -> bool:
+        return self.mask_path is not None or self.mask_bytes is not None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +170,47 @@ def _find_mask(image_path: str, gt_dir: str) -> str:
     )
 
 
+NORMAL_CLASS = "NORMAL"
+
+
+def scan_classification_folder(root: str | os.PathLike, name: str) -> CategoryFiles:
+    """Lists a medical-style folder: ``train/NORMAL``, ``test/<CLASS>/``.
+
+    The layout the ReContrast preparation scripts write for APTOS, ISIC2018 and
+    OCT2017: normal training images in ``train/NORMAL``; test images in one
+    folder per class, ``NORMAL`` normal (label 0) and every other class (e.g.
+    ``ABNORMAL``, or OCT's ``CNV``, ``DME``, ``DRUSEN``) anomalous (label 1).
+    There are no masks.
+
+    Args:
+      root: The dataset folder (holding ``train/`` and ``test/``).
+      name: The category name to report (e.g. 'oct2017').
+
+    Raises:
+      DatasetError: If a folder is missing or empty.
+    """
+    root = os.fspath(root)
+    train_dir = os.path.join(root, "train", NORMAL_CLASS)
+    _require_dir(train_dir, "training folder")
+    train = tuple(Sample(p, None, 0, NORMAL_CLASS) for p in _list_images(train_dir))
+    if not train:
+        raise DatasetError(f"no training images in {train_dir}")
+    test_dir = os.path.join(root, "test")
+    _require_dir(test_dir, "test folder")
+    classes = sorted(
+        (c for c in os.listdir(test_dir) if os.path.isdir(os.path.join(test_dir, c))),
+        key=lambda c: (c != NORMAL_CLASS, c),
+    )
+    test = tuple(
+        Sample(p, None, int(c != NORMAL_CLASS), c)
+        for c in classes
+        for p in _list_images(os.path.join(test_dir, c))
+    )
+    if not test:
+        raise DatasetError(f"no test images in the class folders of {test_dir}")
+    return CategoryFiles(root=root, category=name, train=train, test=test)
+
+
 def _list_images(folder: str) -> list[str]:
     """Sorted image files directly inside ``folder``."""
     return [
@@ -175,11 +226,13 @@ def _require_dir(path: str, what: str) -> None:
         raise DatasetError(f"{what} {path} {problem}")
 
 
-def _open_decoded(path: str | os.PathLike, mode: str) -> np.ndarray:
-    """Opens an image, decodes it fully and converts it to ``mode``."""
+def _open_decoded(
+    path: str | os.PathLike, mode: str, data: bytes | None = None
+) -> np.ndarray:
+    """Opens an image (a file, or ``data`` named ``path``), decodes and converts it."""
     path = os.fspath(path)
     try:
-        with Image.open(path) as image:
+        with Image.open(path if data is None else io.BytesIO(data)) as image:
             # Image.open is lazy: load() forces the full decode so a truncated or
             # corrupt file fails here, inside the try, instead of later.
             image.load()
@@ -205,6 +258,18 @@ def load_rgb(path: str | os.PathLike) -> np.ndarray:
       DatasetError: If the file is missing, corrupt or truncated.
     """
     return _open_decoded(path, "RGB")
+
+
+def load_sample_image(sample: Sample) -> np.ndarray:
+    """The RGB image of a sample, from its bytes or its file (``load_rgb``)."""
+    return _open_decoded(sample.path, "RGB", sample.image_bytes)
+
+
+def load_sample_mask(sample: Sample) -> np.ndarray | None:
+    """The sample's mask as uint8 (H, W), or None if it has none."""
+    if sample.mask_bytes is not None:
+        return _open_decoded(f"{sample.path} (mask)", "L", sample.mask_bytes)
+    return None if sample.mask_path is None else load_mask(sample.mask_path)
 
 
 def load_mask(path: str | os.PathLike) -> np.ndarray:

@@ -281,7 +281,10 @@ def iterate_numpy(dataset: tf.data.Dataset) -> NumpyIterator:
 def _check_files_exist(samples: Sequence[folder.Sample]) -> None:
     """Fails early, in Python, on missing files (cheaper than a wrapped error)."""
     for sample in samples:
-        for kind, path in (("image", sample.path), ("mask", sample.mask_path)):
+        files = [("mask", sample.mask_path)]
+        if sample.image_bytes is None:
+            files.append(("image", sample.path))
+        for kind, path in files:
             if path is not None and not os.path.isfile(path):
                 raise folder.DatasetError(f"{kind} file {path} does not exist")
 
@@ -305,14 +308,16 @@ def _epoch_permutation(seed: int, n: int):
     return epoch_indices
 
 
-def _image_loader(paths: Sequence[str], image_size: int, crop_size: int, cache: bool):
+def _image_loader(
+    samples: Sequence[folder.Sample], image_size: int, crop_size: int, cache: bool
+):
     """Returns a numpy function loading a batch of indices as uint8 images."""
     memo: dict[int, np.ndarray] = {}
 
     def load_one(index: int) -> np.ndarray:
         image = memo.get(index)
         if image is None:
-            rgb = folder.load_rgb(paths[index])
+            rgb = folder.load_sample_image(samples[index])
             image = resize_and_crop_uint8(rgb, image_size, crop_size)
             if cache:
                 memo[index] = image
@@ -411,7 +416,7 @@ def train_dataset(
             batches = batches.filter(lambda ix: tf.size(ix) > 0)
         return batches
 
-    load_batch = _image_loader([s.path for s in shard], image_size, crop_size, cache)
+    load_batch = _image_loader(shard, image_size, crop_size, cache)
 
     def load(indices):
         images = _numpy_function(load_batch, [indices], tf.uint8)
@@ -459,19 +464,19 @@ def _eval_loader(
         images = np.zeros((batch_size, crop_size, crop_size, 3), np.uint8)
         masks = np.zeros((batch_size, crop_size, crop_size), bool)
         valid = np.zeros((batch_size,), bool)
+        labels = np.zeros((batch_size,), np.int32)
         index = np.full((batch_size,), -1, np.int32)
         for slot, i in enumerate(range(start, min(start + batch_size, n))):
             sample = samples[i]
-            rgb = folder.load_rgb(sample.path)
+            rgb = folder.load_sample_image(sample)
             images[slot] = resize_and_crop_uint8(rgb, image_size, crop_size)
-            mask = (
-                None if sample.mask_path is None else folder.load_mask(sample.mask_path)
-            )
+            mask = folder.load_sample_mask(sample)
             masks[slot] = preprocess_mask(mask, image_size, crop_size)
+            # The reference's image label is the max of the resized GT mask;
+            # sources without masks (medical sets) carry the label itself.
+            labels[slot] = masks[slot].any() if sample.has_mask else sample.label
             valid[slot] = True
             index[slot] = i
-        # The reference's image label is the max of the resized GT mask.
-        labels = masks.any(axis=(1, 2)).astype(np.int32)
         return images, masks, labels, valid, index
 
     return load_batch
@@ -500,7 +505,7 @@ def eval_dataset(
     Returns:
       A ``tf.data.Dataset`` of dicts: ``image`` float32 [b, crop, crop, 3],
       ``mask`` bool [b, crop, crop], ``label`` int32 [b] (1 if the mask has any
-      pixel set), ``valid`` bool [b] (False for padding) and ``index`` int32 [b]
+      pixel set; the sample's own label when it has no mask), ``valid`` bool [b] (False for padding) and ``index`` int32 [b]
       (position in ``samples``). Padding entries are zero, with index -1.
 
     Raises:

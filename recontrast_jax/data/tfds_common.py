@@ -1,0 +1,160 @@
+"""Helpers shared by the MVTec AD and VisA TensorFlow Datasets builders.
+
+Both builders emit the same features (see :func:`anomaly_features`), read
+manually downloaded data, and may have to unpack an archive first. Images are
+stored as the source file's bytes, never re-encoded, so decoding a stored image
+gives exactly what decoding the original file gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tarfile
+import uuid
+
+import numpy as np
+import tensorflow_datasets as tfds
+from etils import epath
+from PIL import Image
+
+from recontrast_jax.data.folder import DatasetError
+
+LABEL_NAMES = ("good", "anomaly")
+_HASH_CHUNK_BYTES = 1 << 22
+
+
+def anomaly_features() -> tfds.features.FeaturesDict:
+    """Returns the feature spec shared by the anomaly-detection builders.
+
+    Returns:
+      Features ``image`` (RGB, source bytes), ``mask`` (H x W x 1, 0/255),
+      ``label`` (good/anomaly), ``defect_type`` and ``file_name``.
+    """
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(),
+            "mask": tfds.features.Image(shape=(None, None, 1)),
+            "label": tfds.features.ClassLabel(names=list(LABEL_NAMES)),
+            "defect_type": tfds.features.Text(),
+            "file_name": tfds.features.Text(),
+        }
+    )
+
+
+def image_size(path: epath.PathLike) -> tuple[int, int]:
+    """Returns ``(width, height)`` of an image file, reading only its header.
+
+    Args:
+      path: Image file.
+
+    Returns:
+      The image size as PIL reports it.
+
+    Raises:
+      DatasetError: If the file is missing or not a readable image.
+    """
+    path = epath.Path(path)
+    try:
+        with path.open("rb") as f, Image.open(f) as image:
+            return image.size
+    except FileNotFoundError as e:
+        raise DatasetError(f"image file {path} does not exist") from e
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DatasetError(f"cannot read image {path}: {type(e).__name__}: {e}") from e
+
+
+def zero_mask(size: tuple[int, int]) -> np.ndarray:
+    """Returns an all-zero ``(height, width, 1)`` uint8 mask for ``(width, height)``."""
+    width, height = size
+    return np.zeros((height, width, 1), dtype=np.uint8)
+
+
+def check_same_size(image_path: epath.PathLike, mask_path: epath.PathLike) -> None:
+    """Raises DatasetError if an image and its mask differ in size.
+
+    Args:
+      image_path: Image file.
+      mask_path: Its ground-truth mask.
+
+    Raises:
+      DatasetError: Naming both files and both sizes on a mismatch.
+    """
+    image_wh, mask_wh = image_size(image_path), image_size(mask_path)
+    if image_wh != mask_wh:
+        raise DatasetError(
+            f"mask {mask_path} has size {mask_wh} (width, height) but its image "
+            f"{image_path} has size {image_wh}"
+        )
+
+
+def sha256_of(path: epath.PathLike) -> str:
+    """Returns the hex sha256 digest of a file, read in chunks.
+
+    Args:
+      path: File to hash.
+
+    Returns:
+      Lower-case hex digest.
+    """
+    digest = hashlib.sha256()
+    with epath.Path(path).open("rb") as f:
+        while chunk := f.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_sha256(path: epath.PathLike, expected: str) -> None:
+    """Raises DatasetError if the sha256 of ``path`` is not ``expected``.
+
+    Args:
+      path: File to check.
+      expected: Expected hex digest.
+
+    Raises:
+      DatasetError: Naming the file and both digests.
+    """
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise DatasetError(
+            f"archive {path} has sha256 {actual}, expected {expected}: the file "
+            "is incomplete, corrupt or a different version; download it again"
+        )
+
+
+def extract_tar_once(
+    archive: epath.PathLike, destination: epath.PathLike
+) -> epath.Path:
+    """Extracts a tar archive (any compression) into ``destination`` once.
+
+    Extraction goes to a temporary sibling folder that is renamed at the end, so
+    an interrupted extraction never leaves a half-filled ``destination`` that a
+    later run would mistake for a complete one.
+
+    Args:
+      archive: The ``.tar``/``.tar.xz``/``.tar.gz`` file.
+      destination: Folder to create; reused as is if it already exists.
+
+    Returns:
+      ``destination``.
+
+    Raises:
+      DatasetError: If the archive is not a readable tar file.
+    """
+    archive, destination = epath.Path(archive), epath.Path(destination)
+    if destination.exists():
+        return destination
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    partial = destination.parent / f"{destination.name}.partial-{uuid.uuid4().hex}"
+    try:
+        with tarfile.open(archive, mode="r:*") as tar:
+            # The "data" filter refuses absolute paths, links leaving the folder
+            # and device files, so a malicious archive cannot write elsewhere.
+            tar.extractall(partial, filter="data")
+    except (tarfile.TarError, OSError, EOFError) as e:
+        if partial.exists():
+            partial.rmtree()
+        raise DatasetError(
+            f"cannot extract archive {archive}: {type(e).__name__}: {e}"
+        ) from e
+    partial.rename(destination)
+    return destination
