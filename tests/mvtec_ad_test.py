@@ -16,7 +16,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from recontrast_jax.data import mvtec_ad
+from recontrast_jax.data import mvtec_ad, tfds_common
 from recontrast_jax.data.folder import DatasetError
 
 # category -> (image mode, {folder under test/: number of images}, #train)
@@ -40,6 +40,12 @@ def _random_mask(rng, width, height):
     return Image.fromarray(mask, "L")
 
 
+def _save_png(image, path):
+    # Non-default compression: a builder that re-encoded the image would store
+    # different bytes, so the byte-equality check can catch it.
+    image.save(path, compress_level=1)
+
+
 def make_fake_mvtec(root):
     """Writes a tiny MVTec AD tree under ``root`` (images of varied sizes)."""
     rng = np.random.default_rng(0)
@@ -48,14 +54,20 @@ def make_fake_mvtec(root):
         (base / "train" / "good").mkdir(parents=True)
         for i in range(num_train):
             size = (5 + i, 4 + 2 * i)
-            _random_image(rng, mode, *size).save(base / "train" / "good" / f"{i:03d}.png")
+            _save_png(
+                _random_image(rng, mode, *size),
+                base / "train" / "good" / f"{i:03d}.png",
+            )
         for defect, count in test_counts.items():
             (base / "test" / defect).mkdir(parents=True)
             if defect != "good":
                 (base / "ground_truth" / defect).mkdir(parents=True)
             for i in range(count):
                 size = (6 + i, 7 - i)
-                _random_image(rng, mode, *size).save(base / "test" / defect / f"{i:03d}.png")
+                _save_png(
+                    _random_image(rng, mode, *size),
+                    base / "test" / defect / f"{i:03d}.png",
+                )
                 if defect != "good":
                     mask_path = base / "ground_truth" / defect / f"{i:03d}_mask.png"
                     _random_mask(rng, *size).save(mask_path)
@@ -125,16 +137,30 @@ def test_examples_match_source_files(fake_root, tmp_path, category):
     expected = _naive_listing(fake_root / category)
     seen = set()
     for split in ("train", "test"):
-        raw = builder.as_dataset(split=split, decoders={"image": tfds.decode.SkipDecoding()})
-        decoded = builder.as_dataset(split=split)
-        for raw_ex, ex in zip(tfds.as_numpy(raw), tfds.as_numpy(decoded), strict=True):
+        raw = builder.as_dataset(
+            split=split, decoders={"image": tfds.decode.SkipDecoding()}
+        )
+        exact = builder.as_dataset(
+            split=split, decoders=tfds_common.pil_exact_decoders()
+        )
+        # For PNG the default TFDS decoding is PIL-exact too.
+        default = builder.as_dataset(split=split)
+        for raw_ex, ex, default_ex in zip(
+            tfds.as_numpy(raw),
+            tfds.as_numpy(exact),
+            tfds.as_numpy(default),
+            strict=True,
+        ):
             name = ex["file_name"].decode()
             exp_split, label, defect, image_path, mask_path = expected[name]
             assert exp_split == split and name not in seen
             seen.add(name)
             assert raw_ex["image"] == image_path.read_bytes()  # stored unchanged
             with Image.open(image_path) as im:
-                np.testing.assert_array_equal(ex["image"], np.asarray(im.convert("RGB")))
+                np.testing.assert_array_equal(
+                    ex["image"], np.asarray(im.convert("RGB"))
+                )
+                np.testing.assert_array_equal(default_ex["image"], ex["image"])
                 height, width = im.height, im.width
             if mask_path is None:
                 want_mask = np.zeros((height, width), np.uint8)
@@ -156,7 +182,9 @@ def test_reads_checked_archive(fake_root, tmp_path, monkeypatch):
     digest = hashlib.sha256(archive.read_bytes()).hexdigest()
     monkeypatch.setattr(mvtec_ad, "ARCHIVE_SHA256", digest)
     builder = _build("screw", manual, tmp_path / "data")
-    assert {k: v.num_examples for k, v in builder.info.splits.items()} == _EXPECTED_SPLITS
+    assert {
+        k: v.num_examples for k, v in builder.info.splits.items()
+    } == _EXPECTED_SPLITS
 
 
 def test_archive_with_wrong_checksum_is_rejected(fake_root, tmp_path):
@@ -165,7 +193,9 @@ def test_archive_with_wrong_checksum_is_rejected(fake_root, tmp_path):
     archive = manual / mvtec_ad.ARCHIVE_NAME
     with tarfile.open(archive, "w:xz") as tar:
         tar.add(fake_root / "bottle", arcname="bottle")
-    with pytest.raises(DatasetError, match=f"{archive}.*sha256.*{mvtec_ad.ARCHIVE_SHA256}"):
+    with pytest.raises(
+        DatasetError, match=f"{archive}.*sha256.*{mvtec_ad.ARCHIVE_SHA256}"
+    ):
         _build("bottle", manual, tmp_path / "data")
 
 
@@ -175,7 +205,9 @@ def test_missing_manual_dir_shows_instructions(tmp_path):
 
 
 def test_missing_category_names_the_paths(fake_root, tmp_path):
-    with pytest.raises(DatasetError, match=f"'zipper' not found.*{fake_root / 'zipper'}"):
+    with pytest.raises(
+        DatasetError, match=f"'zipper' not found.*{fake_root / 'zipper'}"
+    ):
         _build("zipper", fake_root, tmp_path)
 
 
@@ -183,5 +215,7 @@ def test_missing_mask_names_the_image(fake_root, tmp_path):
     root = tmp_path / "copy"
     shutil.copytree(fake_root / "bottle", root / "bottle")
     (root / "bottle" / "ground_truth" / "contamination" / "000_mask.png").unlink()
-    with pytest.raises(DatasetError, match="test/contamination/000.png has no ground-truth mask"):
+    with pytest.raises(
+        DatasetError, match="test/contamination/000.png has no ground-truth mask"
+    ):
         _build("bottle", root, tmp_path / "data")

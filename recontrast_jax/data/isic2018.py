@@ -147,10 +147,13 @@ class Isic2018(tfds.core.GeneratorBasedBuilder):
         self, items: list[tuple[str, epath.Path]]
     ) -> Iterator[tuple[str, dict]]:
         for diagnosis, path in items:
-            yield path.stem, {
-                # The bytes are stored as they are: no decoding, no re-encoding.
-                "image": path.read_bytes(),
-                "label": "normal" if diagnosis == NORMAL_CLASS else "abnormal",
-                "defect_type": diagnosis,
-                "file_name": path.name,
-            }
+            yield (
+                path.stem,
+                {
+                    # The bytes are stored as they are: no decoding, no re-encoding.
+                    "image": path.read_bytes(),
+                    "label": "normal" if diagnosis == NORMAL_CLASS else "abnormal",
+                    "defect_type": diagnosis,
+                    "file_name": path.name,
+                },
+            )

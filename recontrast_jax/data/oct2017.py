@@ -117,7 +117,9 @@ class Oct2017(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         root = find_root(epath.Path(dl_manager.manual_dir))
-        train = [(NORMAL_CLASS, path) for path in list_images(root / "train" / NORMAL_CLASS)]
+        train = [
+            (NORMAL_CLASS, path) for path in list_images(root / "train" / NORMAL_CLASS)
+        ]
         test = [
             (name, path)
             for name in CLASSES
@@ -132,10 +134,13 @@ class Oct2017(tfds.core.GeneratorBasedBuilder):
         self, items: list[tuple[str, epath.Path]]
     ) -> Iterator[tuple[str, dict]]:
         for class_name, path in items:
-            yield f"{class_name}/{path.name}", {
-                # The bytes are stored as they are: no decoding, no re-encoding.
-                "image": path.read_bytes(),
-                "label": "normal" if class_name == NORMAL_CLASS else "abnormal",
-                "defect_type": class_name,
-                "file_name": path.name,
-            }
+            yield (
+                f"{class_name}/{path.name}",
+                {
+                    # The bytes are stored as they are: no decoding, no re-encoding.
+                    "image": path.read_bytes(),
+                    "label": "normal" if class_name == NORMAL_CLASS else "abnormal",
+                    "defect_type": class_name,
+                    "file_name": path.name,
+                },
+            )

@@ -41,6 +41,40 @@ def anomaly_features() -> tfds.features.FeaturesDict:
     )
 
 
+@tfds.decode.make_decoder()
+def _decode_image_like_pil(serialized_image, feature):
+    """Decodes PNG/JPEG bytes to RGB uint8 exactly as PIL does (see caller)."""
+    del feature  # The shape is always (H, W, 3) for the "image" feature.
+    import tensorflow as tf  # Imported lazily: TFDS itself imports it lazily.
+
+    def decode_jpeg():
+        return tf.io.decode_jpeg(
+            serialized_image, channels=3, dct_method="INTEGER_ACCURATE"
+        )
+
+    def decode_other():
+        return tf.io.decode_image(serialized_image, channels=3, expand_animations=False)
+
+    image = tf.cond(tf.io.is_jpeg(serialized_image), decode_jpeg, decode_other)
+    image.set_shape((None, None, 3))
+    return image
+
+
+def pil_exact_decoders() -> dict:
+    """Returns ``decoders`` for ``as_dataset`` that decode images exactly like PIL.
+
+    TFDS decodes JPEG with TensorFlow's default ``dct_method`` (INTEGER_FAST),
+    which differs from PIL (and so from the PyTorch reference) by a few grey
+    levels on VisA's JPEG images. ``INTEGER_ACCURATE`` matches PIL's
+    ``Image.open(f).convert('RGB')`` exactly; PNG decoding matches either way.
+
+    Returns:
+      ``{"image": decoder}``, to pass as ``builder.as_dataset(..., decoders=...)``
+      or ``tfds.load(..., decoders=...)``.
+    """
+    return {"image": _decode_image_like_pil()}
+
+
 def image_size(path: epath.PathLike) -> tuple[int, int]:
     """Returns ``(width, height)`` of an image file, reading only its header.
 

@@ -107,10 +107,13 @@ class Visa(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        root = find_visa_root(dl_manager.manual_dir, dl_manager.download_dir / "extracted")
+        root = find_visa_root(
+            dl_manager.manual_dir, dl_manager.download_dir / "extracted"
+        )
         rows = read_split_rows(root / SPLIT_CSV, self.builder_config.name)
         return {
-            split: self._generate_examples(root, rows[split]) for split in ("train", "test")
+            split: self._generate_examples(root, rows[split])
+            for split in ("train", "test")
         }
 
     def _generate_examples(self, root: epath.Path, rows: list[dict[str, str]]):
@@ -119,7 +122,9 @@ class Visa(tfds.core.GeneratorBasedBuilder):
             yield example["file_name"], example
 
 
-def find_visa_root(manual_dir: epath.PathLike, extract_root: epath.PathLike) -> epath.Path:
+def find_visa_root(
+    manual_dir: epath.PathLike, extract_root: epath.PathLike
+) -> epath.Path:
     """Finds (extracting the archive if needed) the folder holding ``split_csv/``.
 
     Args:
@@ -145,7 +150,9 @@ def find_visa_root(manual_dir: epath.PathLike, extract_root: epath.PathLike) -> 
     extracted = tfds_common.extract_tar_once(archive, epath.Path(extract_root) / "VisA")
     root = _root_with_split_csv(extracted)
     if root is None:
-        raise DatasetError(f"archive {archive} (extracted to {extracted}) has no {SPLIT_CSV}")
+        raise DatasetError(
+            f"archive {archive} (extracted to {extracted}) has no {SPLIT_CSV}"
+        )
     return root
 
 
@@ -157,7 +164,9 @@ def _root_with_split_csv(folder: epath.Path) -> epath.Path | None:
     return None
 
 
-def read_split_rows(csv_path: epath.PathLike, object_name: str) -> dict[str, list[dict[str, str]]]:
+def read_split_rows(
+    csv_path: epath.PathLike, object_name: str
+) -> dict[str, list[dict[str, str]]]:
     """Reads the rows of one object from ``1cls.csv``, grouped by split.
 
     Args:
@@ -188,7 +197,9 @@ def read_split_rows(csv_path: epath.PathLike, object_name: str) -> dict[str, lis
         if row["label"] not in _LABELS:
             raise DatasetError(f"{where}: unknown label {row['label']!r}")
         if not row["image"].startswith(object_name + "/"):
-            raise DatasetError(f"{where}: image {row['image']} is not inside {object_name}/")
+            raise DatasetError(
+                f"{where}: image {row['image']} is not inside {object_name}/"
+            )
         if row["label"] == "anomaly" and not row["mask"]:
             raise DatasetError(f"{where}: anomaly image {row['image']} has no mask")
         rows[row["split"]].append(row)
