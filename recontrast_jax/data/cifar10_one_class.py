@@ -5,14 +5,21 @@ protocol: for a chosen normal class, the training set is the CIFAR-10 training
 images of that class only (5000); the test set is the whole CIFAR-10 test set
 (10000), that class normal and the other nine abnormal.
 
-Wrapping another TFDS dataset inside a builder would duplicate its storage, so
-the split is a function over ``tfds.load("cifar10")`` returning the same
-features as the medical builders: ``image``, ``label`` (0 normal, 1 abnormal),
-``defect_type`` (the original CIFAR-10 class name) and ``file_name`` (the
-CIFAR-10 example id). CIFAR-10 is downloaded by TFDS itself (no manual step).
+Two interfaces with the same features as the medical builders (``image``,
+``label`` 0 normal / 1 abnormal, ``defect_type`` = the original CIFAR-10 class
+name, ``file_name`` = the CIFAR-10 example id):
+
+* the builder ``cifar10_one_class/<class>`` (one config per class), which
+  prepares TFDS's ``cifar10`` in the same data directory and copies its PNG
+  bytes unchanged (registered by importing this module);
+* :func:`one_class_split`, a view over ``tfds.load("cifar10")`` without a copy.
+
+CIFAR-10 is downloaded by TFDS itself (no manual step).
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
 
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -75,3 +82,71 @@ def one_class_split(
         }
 
     return dataset.map(to_one_class)
+
+
+def read_cifar10(split: str, data_dir) -> Iterator[tuple[str, int, bytes]]:
+    """Yields (id, class index, PNG bytes) of TFDS's ``cifar10``, preparing it.
+
+    Args:
+      split: "train" or "test".
+      data_dir: TFDS data directory holding (or receiving) ``cifar10``.
+
+    Yields:
+      One tuple per image, in the stored order.
+    """
+    builder = tfds.builder("cifar10", data_dir=str(data_dir))
+    builder.download_and_prepare()
+    dataset = builder.as_dataset(
+        split=split, decoders={"image": tfds.decode.SkipDecoding()}, shuffle_files=False
+    )
+    for example in tfds.as_numpy(dataset):
+        yield example["id"].decode(), int(example["label"]), bytes(example["image"])
+
+
+class Cifar10OneClass(tfds.core.GeneratorBasedBuilder):
+    """One-class CIFAR-10: one config per normal class."""
+
+    VERSION = tfds.core.Version("1.0.0")
+    RELEASE_NOTES = {"1.0.0": "train = the class's training images; test = all."}
+    BUILDER_CONFIGS = [
+        tfds.core.BuilderConfig(name=name, description=f"normal class: {name}")
+        for name in CLASS_NAMES
+    ]
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description=(
+                "One-class CIFAR-10: train = training images of the normal "
+                "class; test = the whole test set, other classes abnormal."
+            ),
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Image(shape=(32, 32, 3)),
+                    "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
+                    "defect_type": tfds.features.Text(),
+                    "file_name": tfds.features.Text(),
+                }
+            ),
+            supervised_keys=("image", "label"),
+            homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
+        )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        del dl_manager  # cifar10 is prepared by its own TFDS builder.
+        return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split: str) -> Iterator[tuple[str, dict]]:
+        normal_index = CLASS_NAMES.index(self.builder_config.name)
+        for example_id, class_index, png in read_cifar10(split, self.data_dir_root):
+            if split == "train" and class_index != normal_index:
+                continue
+            yield (
+                example_id,
+                {
+                    "image": png,
+                    "label": "normal" if class_index == normal_index else "abnormal",
+                    "defect_type": CLASS_NAMES[class_index],
+                    "file_name": example_id,
+                },
+            )
