@@ -22,35 +22,20 @@ AUROC 99.45, pixel AUROC 98.37, per-image AUPRO (`aupro_recontrast_per_image`)
 """
 
 from recontrast_jax import default_config
-
-MVTEC_CATEGORIES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
+from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
     config = default_config.get_config()
-    if category != "all" and category not in MVTEC_CATEGORIES:
+    if category != "all" and category not in categories.MVTEC_CATEGORIES:
         raise ValueError(
-            f"Unknown MVTec category {category!r}; use one of {MVTEC_CATEGORIES} or 'all'."
+            f"Unknown MVTec category {category!r}; use one of {categories.MVTEC_CATEGORIES} or 'all'."
         )
     config.data.source = "folder"
     config.data.tfds_name = "mvtec_ad"  # for --config.data.source=tfds
-    config.data.categories = MVTEC_CATEGORIES if category == "all" else (category,)
+    config.data.categories = (
+        categories.MVTEC_CATEGORIES if category == "all" else (category,)
+    )
     config.model.arch = "wide_resnet50_2"
     config.model.pretrained = "imagenet"
     config.model.encoder_bn_train = True

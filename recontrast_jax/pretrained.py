@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 import flax.serialization
 import jax
 import numpy as np
+from etils import epath
 
 Variables = dict
 
@@ -269,7 +270,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
 def sha256_of(path: str) -> str:
     """Hex sha256 of a file, read in chunks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with epath.Path(path).open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()

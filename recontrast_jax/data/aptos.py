@@ -27,6 +27,8 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
+from recontrast_jax.data import tfds_common
+
 REFERENCE_SEED = 1
 REFERENCE_NUM_TRAIN = 1000
 REFERENCE_IMAGE_SIZE = 512
@@ -288,14 +290,7 @@ class Aptos2019(tfds.core.GeneratorBasedBuilder):
                 f"fundus-cropped and resized to {self.IMAGE_SIZE}x"
                 f"{self.IMAGE_SIZE}."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(),
-                    "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-                    "defect_type": tfds.features.Text(),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
+            features=tfds_common.classification_features(),
             supervised_keys=("image", "label"),
             homepage="https://www.kaggle.com/competitions/aptos2019-blindness-detection",
         )

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from recontrast_jax.data import tfds_common
+
 CLASS_NAMES = (
     "airplane",
     "automobile",
@@ -120,14 +122,7 @@ class Cifar10OneClass(tfds.core.GeneratorBasedBuilder):
                 "One-class CIFAR-10: train = training images of the normal "
                 "class; test = the whole test set, other classes abnormal."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(shape=(32, 32, 3)),
-                    "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-                    "defect_type": tfds.features.Text(),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
+            features=tfds_common.classification_features((32, 32, 3)),
             supervised_keys=("image", "label"),
             homepage="https://www.cs.toronto.edu/~kriz/cifar.html",
         )

@@ -18,6 +18,8 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from etils import epath
 
+from recontrast_jax.data import tfds_common
+
 DIAGNOSES = ("MEL", "NV", "BCC", "AKIEC", "BKL", "DF", "VASC")
 NORMAL_CLASS = "NV"
 
@@ -121,14 +123,7 @@ class Isic2018(tfds.core.GeneratorBasedBuilder):
                 "Validation set, NV normal and MEL, BCC, AKIEC, BKL, DF, VASC "
                 "abnormal. Original JPEG bytes."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(),
-                    "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-                    "defect_type": tfds.features.Text(),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
+            features=tfds_common.classification_features(),
             supervised_keys=("image", "label"),
             homepage="https://challenge.isic-archive.com/data/#2018",
         )

@@ -16,26 +16,10 @@ from __future__ import annotations
 import tensorflow_datasets as tfds
 from etils import epath
 
-from recontrast_jax.data import folder, tfds_common
+from recontrast_jax.data import categories, folder, tfds_common
 from recontrast_jax.data.folder import DatasetError
 
-CATEGORIES = (
-    "bottle",
-    "cable",
-    "capsule",
-    "carpet",
-    "grid",
-    "hazelnut",
-    "leather",
-    "metal_nut",
-    "pill",
-    "screw",
-    "tile",
-    "toothbrush",
-    "transistor",
-    "wood",
-    "zipper",
-)
+CATEGORIES = categories.MVTEC_CATEGORIES
 ARCHIVE_NAME = "mvtec_anomaly_detection.tar.xz"
 # From anomalib's DOWNLOAD_INFO for the official archive.
 ARCHIVE_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 import tensorflow_datasets as tfds
 from etils import epath
 
+from recontrast_jax.data import tfds_common
+
 CLASSES = ("CNV", "DME", "DRUSEN", "NORMAL")
 NORMAL_CLASS = "NORMAL"
 _IMAGE_SUFFIXES = (".jpeg", ".jpg")
@@ -99,14 +101,7 @@ class Oct2017(tfds.core.GeneratorBasedBuilder):
                 "normal and CNV, DME, DRUSEN abnormal. Original JPEG bytes; "
                 "the grey scans decode to 3 equal channels."
             ),
-            features=tfds.features.FeaturesDict(
-                {
-                    "image": tfds.features.Image(),
-                    "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
-                    "defect_type": tfds.features.Text(),
-                    "file_name": tfds.features.Text(),
-                }
-            ),
+            features=tfds_common.classification_features(),
             supervised_keys=("image", "label"),
             homepage="https://data.mendeley.com/datasets/rscbjbr9sj/3",
             citation="""@article{kermany2018identifying,

@@ -8,7 +8,6 @@ gives exactly what decoding the original file gives.
 
 from __future__ import annotations
 
-import hashlib
 import tarfile
 import uuid
 
@@ -18,9 +17,21 @@ from etils import epath
 from PIL import Image
 
 from recontrast_jax.data.folder import DatasetError
+from recontrast_jax.pretrained import sha256_of
 
 LABEL_NAMES = ("good", "anomaly")
-_HASH_CHUNK_BYTES = 1 << 22
+
+
+def classification_features(image_shape=(None, None, 3)) -> tfds.features.FeaturesDict:
+    """Features of the image-level (medical, CIFAR-10) builders: no masks."""
+    return tfds.features.FeaturesDict(
+        {
+            "image": tfds.features.Image(shape=image_shape),
+            "label": tfds.features.ClassLabel(names=["normal", "abnormal"]),
+            "defect_type": tfds.features.Text(),
+            "file_name": tfds.features.Text(),
+        }
+    )
 
 
 def anomaly_features() -> tfds.features.FeaturesDict:
@@ -119,22 +130,6 @@ def check_same_size(image_path: epath.PathLike, mask_path: epath.PathLike) -> No
             f"mask {mask_path} has size {mask_wh} (width, height) but its image "
             f"{image_path} has size {image_wh}"
         )
-
-
-def sha256_of(path: epath.PathLike) -> str:
-    """Returns the hex sha256 digest of a file, read in chunks.
-
-    Args:
-      path: File to hash.
-
-    Returns:
-      Lower-case hex digest.
-    """
-    digest = hashlib.sha256()
-    with epath.Path(path).open("rb") as f:
-        while chunk := f.read(_HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def verify_sha256(path: epath.PathLike, expected: str) -> None:

@@ -21,23 +21,10 @@ import tensorflow_datasets as tfds
 from etils import epath
 from PIL import Image
 
-from recontrast_jax.data import tfds_common
+from recontrast_jax.data import categories, tfds_common
 from recontrast_jax.data.folder import DatasetError
 
-OBJECTS = (
-    "candle",
-    "capsules",
-    "cashew",
-    "chewinggum",
-    "fryum",
-    "macaroni1",
-    "macaroni2",
-    "pcb1",
-    "pcb2",
-    "pcb3",
-    "pcb4",
-    "pipe_fryum",
-)
+OBJECTS = categories.VISA_OBJECTS
 ARCHIVE_NAME = "VisA_20220922.tar"
 SPLIT_CSV = "split_csv/1cls.csv"
 _CSV_COLUMNS = ("object", "split", "label", "image", "mask")
