@@ -67,7 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.pixel_metrics = True  # pixel AUROC/AUPRO need ground-truth masks
 
     config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.max_to_keep = 2
+    config.checkpoint.every = 250  # steps between checkpoints (and one at the end)
+    config.checkpoint.max_to_keep = 2  # the newest k, so the final one is kept
 
     config.report = ml_collections.ConfigDict()
     config.report.title = "ReContrast"

@@ -1,4 +1,4 @@
-"""Host-side reports: atomic result files, heatmap images and markdown tables.
+"""Host-side reports: atomic result files, heatmap images, histograms, galleries.
 
 Everything here runs on the host with numpy and PIL only (no matplotlib), so the
 command-line tools and notebooks can write results without extra dependencies.
@@ -10,6 +10,7 @@ destroys the previous one.
 from __future__ import annotations
 
 import functools
+import html
 import io
 import json
 import math
@@ -18,6 +19,7 @@ import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -338,3 +340,451 @@ def results_markdown(
         means.append(_percent(float(np.mean(present)) if present else None))
     lines.append("| **mean** | " + " | ".join(means) + " |")
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------
+# Score histogram
+# ---------------------------------------------------------------------------
+
+# Plot area margins in pixels: the header holds the title and the legend, the
+# bottom the x tick labels and axis name, the left the y tick labels.
+HIST_MARGIN_LEFT = 52
+HIST_MARGIN_RIGHT = 16
+HIST_MARGIN_TOP = 2 * _LINE_HEIGHT + 8
+HIST_MARGIN_BOTTOM = 2 * _LINE_HEIGHT + 6
+# Fraction of the data span added on each side so extreme bars and threshold
+# lines do not sit on the axes.
+HIST_RANGE_PADDING = 0.05
+_NORMAL_RGBA = (31, 90, 230, 128)
+_ANOMALOUS_RGBA = (220, 30, 30, 150)
+_THRESHOLD_COLOURS = ((0, 0, 0), (0, 120, 0), (130, 0, 170), (200, 110, 0))
+_DASH_ON, _DASH_OFF = 6, 4
+_AXIS_COLOUR = (0, 0, 0)
+_TICK_LENGTH = 4
+
+
+def _finite_scores(scores: Any, what: str) -> np.ndarray:
+    """Flat float64 array of scores; non-finite scores are a bug upstream."""
+    values = np.asarray(scores if scores is not None else [], dtype=np.float64)
+    values = values.reshape(-1)
+    if not np.isfinite(values).all():
+        bad = int((~np.isfinite(values)).sum())
+        raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf)")
+    return values
+
+
+def histogram_range(
+    normal_scores: Any, anomalous_scores: Any, thresholds: Mapping[str, float]
+) -> tuple[float, float]:
+    """Shared x range of ``score_histogram``: all scores and finite thresholds.
+
+    The span from the smallest to the largest value is widened by
+    ``HIST_RANGE_PADDING`` of itself on each side; a zero span becomes +-0.5 and
+    no values at all give (0, 1).
+
+    Args:
+      normal_scores: image scores of normal images.
+      anomalous_scores: image scores of anomalous images (may be empty).
+      thresholds: name -> threshold value; non-finite values are ignored.
+
+    Returns:
+      (low, high) with low < high.
+    """
+    values = np.concatenate(
+        [
+            _finite_scores(normal_scores, "normal scores"),
+            _finite_scores(anomalous_scores, "anomalous scores"),
+            np.asarray(
+                [v for v in map(float, thresholds.values()) if math.isfinite(v)],
+                dtype=np.float64,
+            ),
+        ]
+    )
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = float(values.min()), float(values.max())
+    if high == low:
+        return low - 0.5, high + 0.5
+    pad = HIST_RANGE_PADDING * (high - low)
+    return low - pad, high + pad
+
+
+def _nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
+    """About ``target`` round tick values (1, 2 or 5 times a power of ten) in range."""
+    span = high - low
+    if not span > 0:
+        return [low]
+    raw_step = span / target
+    magnitude = 10.0 ** math.floor(math.log10(raw_step))
+    step = next(
+        m * magnitude for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw_step
+    )
+    first = math.ceil(low / step - 1e-9)
+    last = math.floor(high / step + 1e-9)
+    # Rounding to the step's precision avoids labels like 0.30000000000000004.
+    digits = max(0, -math.floor(math.log10(step)) + 1)
+    return [round(i * step, digits) for i in range(first, last + 1)]
+
+
+def _tick_label(value: float) -> str:
+    text = f"{value:.3g}"
+    return "0" if text == "-0" else text
+
+
+class _Plot:
+    """Maps data coordinates to pixel coordinates of the plot area."""
+
+    def __init__(self, size: tuple[int, int], x_range: tuple[float, float], y_max):
+        width, height = size
+        self.left = HIST_MARGIN_LEFT
+        self.right = width - HIST_MARGIN_RIGHT - 1
+        self.top = HIST_MARGIN_TOP
+        self.bottom = height - HIST_MARGIN_BOTTOM - 1
+        self.x_low, self.x_high = x_range
+        self.y_max = y_max
+
+    def x(self, value: float) -> int:
+        fraction = (value - self.x_low) / (self.x_high - self.x_low)
+        return int(round(self.left + fraction * (self.right - self.left)))
+
+    def y(self, count: float) -> int:
+        return int(round(self.bottom - count / self.y_max * (self.bottom - self.top)))
+
+
+def _draw_bars(
+    image: Image.Image,
+    plot: _Plot,
+    edges: np.ndarray,
+    counts: np.ndarray,
+    rgba: tuple[int, int, int, int],
+) -> Image.Image:
+    """Alpha-composites one histogram's bars, so overlapping bars stay visible."""
+    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
+    draw = ImageDraw.Draw(layer)
+    for left_edge, right_edge, count in zip(edges[:-1], edges[1:], counts, strict=True):
+        if count == 0:
+            continue
+        x0, x1 = plot.x(left_edge), plot.x(right_edge)
+        draw.rectangle(
+            (x0, plot.y(count), max(x0, x1 - 1), plot.bottom - 1),
+            fill=rgba,
+            outline=rgba[:3] + (255,),
+        )
+    return Image.alpha_composite(image, layer)
+
+
+def _draw_axes(draw: ImageDraw.ImageDraw, plot: _Plot) -> None:
+    """Axes with round tick values on x (scores) and y (counts)."""
+    font = _default_font()
+    draw.line((plot.left, plot.top, plot.left, plot.bottom), fill=_AXIS_COLOUR)
+    draw.line((plot.left, plot.bottom, plot.right, plot.bottom), fill=_AXIS_COLOUR)
+    for value in _nice_ticks(plot.x_low, plot.x_high):
+        x = plot.x(value)
+        draw.line((x, plot.bottom, x, plot.bottom + _TICK_LENGTH), fill=_AXIS_COLOUR)
+        draw.text(
+            (x, plot.bottom + _TICK_LENGTH + 1),
+            _tick_label(value),
+            fill=_AXIS_COLOUR,
+            font=font,
+            anchor="ma",
+        )
+    y_ticks = [v for v in _nice_ticks(0.0, plot.y_max, 5) if v == int(v)]
+    for count in y_ticks:
+        y = plot.y(count)
+        draw.line((plot.left - _TICK_LENGTH, y, plot.left, y), fill=_AXIS_COLOUR)
+        draw.text(
+            (plot.left - _TICK_LENGTH - 2, y),
+            str(int(count)),
+            fill=_AXIS_COLOUR,
+            font=font,
+            anchor="rm",
+        )
+    draw.text(
+        ((plot.left + plot.right) // 2, plot.bottom + _TICK_LENGTH + _LINE_HEIGHT + 2),
+        "image anomaly score",
+        fill=_AXIS_COLOUR,
+        font=font,
+        anchor="ma",
+    )
+    draw.text(
+        (plot.left - 2, plot.top - 2),
+        "count",
+        fill=_AXIS_COLOUR,
+        font=font,
+        anchor="rd",
+    )
+
+
+def _draw_legend(
+    draw: ImageDraw.ImageDraw, plot: _Plot, n_normal: int, n_anomalous: int
+) -> None:
+    """Colour swatches with group sizes, right-aligned in the second header line."""
+    font = _default_font()
+    entries = [
+        (f"normal (n={n_normal})", _NORMAL_RGBA),
+        (f"anomalous (n={n_anomalous})", _ANOMALOUS_RGBA),
+    ]
+    x = plot.right
+    y = _LINE_HEIGHT + 3
+    for text, rgba in reversed(entries):
+        text_width = int(math.ceil(draw.textlength(text, font=font)))
+        x -= text_width
+        draw.text((x, y), text, fill=_AXIS_COLOUR, font=font)
+        x -= 14
+        # Same colour as a bar over white, so the swatch matches the plot.
+        alpha = rgba[3] / 255.0
+        colour = tuple(round(alpha * c + (1 - alpha) * 255) for c in rgba[:3])
+        draw.rectangle((x, y + 1, x + 10, y + 10), fill=colour, outline=rgba[:3])
+        x -= 12
+
+
+def _draw_dashed_vertical(
+    draw: ImageDraw.ImageDraw, x: int, top: int, bottom: int, colour
+) -> None:
+    for y in range(top, bottom, _DASH_ON + _DASH_OFF):
+        draw.line((x, y, x, min(y + _DASH_ON - 1, bottom)), fill=colour, width=1)
+
+
+def _draw_thresholds(
+    draw: ImageDraw.ImageDraw, plot: _Plot, thresholds: Mapping[str, float]
+) -> None:
+    """Dashed vertical lines, each labelled '<name>: <value>' near the top."""
+    font = _default_font()
+    finite = [(n, float(v)) for n, v in thresholds.items() if math.isfinite(float(v))]
+    for i, (name, value) in enumerate(finite):
+        colour = _THRESHOLD_COLOURS[i % len(_THRESHOLD_COLOURS)]
+        x = plot.x(value)
+        _draw_dashed_vertical(draw, x, plot.top, plot.bottom - 1, colour)
+        label = f"{name}: {value:.4g}"
+        text_width = int(math.ceil(draw.textlength(label, font=font)))
+        y = plot.top + 2 + i * _LINE_HEIGHT
+        # Right of the line if it fits, otherwise left, never over the line.
+        text_x = x + 4 if x + 4 + text_width <= plot.right else x - 4 - text_width
+        box = (text_x - 1, y - 1, text_x + text_width + 1, y + _LINE_HEIGHT - 3)
+        draw.rectangle(box, fill=(255, 255, 255))
+        draw.text((text_x, y), label, fill=colour, font=font)
+
+
+def score_histogram(
+    normal_scores: Any,
+    anomalous_scores: Any,
+    thresholds: Mapping[str, float],
+    title: str = "",
+    bins: int = 30,
+    size: tuple[int, int] = (640, 400),
+) -> np.ndarray:
+    """Overlaid histograms of normal and anomalous image scores with thresholds.
+
+    Both groups share ``bins`` equal bins over ``histogram_range`` (all scores
+    and thresholds, padded). Normal scores are drawn in semi-transparent blue,
+    anomalous ones in semi-transparent red (overlaps look purple). Every finite
+    threshold is a vertical dashed line labelled '<name>: <value>'.
+
+    Args:
+      normal_scores: 1-D scores of normal images.
+      anomalous_scores: 1-D scores of anomalous images; may be empty (normal-only
+        data).
+      thresholds: name -> score threshold, e.g. {'quantile 0.99': 3.21}.
+      title: text in the top-left corner.
+      bins: number of bins.
+      size: (width, height) of the image in pixels.
+
+    Returns:
+      (height, width, 3) uint8 RGB array.
+    """
+    width, height = size
+    min_width = HIST_MARGIN_LEFT + HIST_MARGIN_RIGHT + 40
+    min_height = HIST_MARGIN_TOP + HIST_MARGIN_BOTTOM + 40
+    if width < min_width or height < min_height:
+        raise ValueError(
+            f"histogram size {size} too small; need at least ({min_width}, {min_height})"
+        )
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    normal = _finite_scores(normal_scores, "normal scores")
+    anomalous = _finite_scores(anomalous_scores, "anomalous scores")
+    x_range = histogram_range(normal, anomalous, thresholds)
+    edges = np.linspace(x_range[0], x_range[1], bins + 1)
+    normal_counts, _ = np.histogram(normal, bins=edges)
+    anomalous_counts, _ = np.histogram(anomalous, bins=edges)
+    tallest = max(int(normal_counts.max()), int(anomalous_counts.max()), 1)
+    # Headroom above the tallest bar for the stacked threshold labels.
+    plot = _Plot(size, x_range, tallest * 1.15 + 0.1 * len(thresholds) * tallest)
+
+    image = Image.new("RGBA", size, (255, 255, 255, 255))
+    image = _draw_bars(image, plot, edges, normal_counts, _NORMAL_RGBA)
+    image = _draw_bars(image, plot, edges, anomalous_counts, _ANOMALOUS_RGBA)
+    image = image.convert("RGB")
+    draw = ImageDraw.Draw(image)
+    _draw_thresholds(draw, plot, thresholds)
+    _draw_axes(draw, plot)
+    if title:
+        draw.text((4, 3), title, fill=_AXIS_COLOUR, font=_default_font())
+    _draw_legend(draw, plot, normal.size, anomalous.size)
+    return np.asarray(image, dtype=np.uint8).copy()
+
+
+# ---------------------------------------------------------------------------
+# HTML gallery
+# ---------------------------------------------------------------------------
+
+GALLERY_HISTOGRAM = "histogram.png"
+_LABEL_NAMES = {0: "normal", 1: "anomalous"}
+_GALLERY_CSS = """
+body { font-family: sans-serif; margin: 1.5em; color: #222; background: #fafafa; }
+h1 { margin-bottom: 0.2em; }
+.subtitle { color: #555; margin-top: 0; }
+.histogram { max-width: 100%; border: 1px solid #ccc; background: #fff; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; }
+.card { margin: 0; padding: 6px; background: #fff; border: 2px solid #ddd;
+        border-radius: 4px; max-width: 100%; }
+.card.wrong { border-color: #d22; }
+.card img { display: block; max-width: 100%; height: auto; }
+.card figcaption { font-size: 0.9em; margin-top: 4px; }
+.name { font-weight: bold; word-break: break-all; }
+.empty { color: #777; font-style: italic; }
+"""
+
+
+def _validated_entries(
+    directory: Path, entries: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """Copies of the entries with float scores; missing keys raise with context."""
+    checked = []
+    for i, entry in enumerate(entries):
+        missing = [k for k in ("image", "name", "score") if k not in entry]
+        if missing:
+            raise ValueError(
+                f"gallery {directory}: entry {i} lacks key(s) {missing}; "
+                "need 'image', 'name', 'score' (and 'label', optionally 'decision')"
+            )
+        score = float(entry["score"])
+        if not math.isfinite(score):
+            raise ValueError(
+                f"gallery {directory}: entry {i} ({entry['name']!r}) has score {score}"
+            )
+        label = entry.get("label")
+        decision = entry.get("decision")
+        for key, value in (("label", label), ("decision", decision)):
+            if value is not None and int(value) not in _LABEL_NAMES:
+                raise ValueError(
+                    f"gallery {directory}: entry {i} ({entry['name']!r}) has "
+                    f"{key} {value!r}; expected 0, 1 or None"
+                )
+        checked.append(
+            {
+                "image": os.fspath(entry["image"]),
+                "name": str(entry["name"]),
+                "score": score,
+                "label": None if label is None else int(label),
+                "decision": None if decision is None else int(decision),
+            }
+        )
+    return checked
+
+
+def _card_html(entry: Mapping[str, Any]) -> str:
+    """One figure: the panel image (linked to itself) and a caption."""
+    src = html.escape(quote(entry["image"].replace(os.sep, "/")), quote=True)
+    name = html.escape(entry["name"], quote=True)
+    label, decision = entry["label"], entry["decision"]
+    wrong = label is not None and decision is not None and label != decision
+    details = [f'score <span class="score">{entry["score"]:.4f}</span>']
+    details.append(
+        f'label <span class="label">{_LABEL_NAMES.get(label, "unknown")}</span>'
+    )
+    if decision is not None:
+        details.append(
+            f'decision <span class="decision">{_LABEL_NAMES[decision]}</span>'
+        )
+    return (
+        f'<figure class="card{" wrong" if wrong else ""}">'
+        f'<a href="{src}"><img src="{src}" alt="{name}" loading="lazy"></a>'
+        f'<figcaption><span class="name">{name}</span><br>'
+        + " &middot; ".join(details)
+        + "</figcaption></figure>"
+    )
+
+
+def _cards_html(entries: Sequence[Mapping[str, Any]]) -> str:
+    if not entries:
+        return '<p class="empty">No images.</p>'
+    return '<div class="cards">\n' + "\n".join(map(_card_html, entries)) + "\n</div>"
+
+
+def _by_score(entries, descending: bool, limit: int) -> list:
+    # Ties broken by name so the page does not change between identical runs.
+    ordered = sorted(entries, key=lambda e: e["name"])
+    ordered.sort(key=lambda e: e["score"], reverse=descending)
+    return ordered[:limit]
+
+
+def write_gallery(
+    directory: str | os.PathLike,
+    entries: Sequence[Mapping[str, Any]],
+    title: str,
+    subtitle: str = "",
+    per_section: int = 12,
+) -> str:
+    """Writes ``<directory>/index.html``, a static page of heat-map panels.
+
+    The page shows the title and subtitle (e.g. the threshold rule), the score
+    histogram if ``<directory>/histogram.png`` exists, then the sections "Most
+    anomalous" (highest scores first) and "Least anomalous" (lowest first) and,
+    if any label is known, "Worst mistakes": anomalous images with the lowest
+    scores and normal images with the highest. Cards whose decision differs
+    from their label have a red border. Plain HTML with inline CSS, no
+    JavaScript and no external resources.
+
+    Args:
+      directory: folder of the page; image paths are relative to it.
+      entries: dicts with 'image' (PNG path relative to ``directory``), 'name',
+        'score' (float), 'label' (0 normal, 1 anomalous, None unknown) and
+        optionally 'decision' (0/1).
+      title: page heading.
+      subtitle: line under the heading.
+      per_section: most cards in each section (and in each half of "Worst
+        mistakes").
+
+    Returns:
+      The path of the written index.html.
+    """
+    directory = Path(directory)
+    if per_section < 1:
+        raise ValueError(f"per_section must be >= 1, got {per_section}")
+    checked = _validated_entries(directory, entries)
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>",
+        f"<style>{_GALLERY_CSS}</style></head><body>",
+        f"<h1>{html.escape(title)}</h1>",
+    ]
+    if subtitle:
+        parts.append(f'<p class="subtitle">{html.escape(subtitle)}</p>')
+    parts.append(f"<p>{len(checked)} images.</p>")
+    if (directory / GALLERY_HISTOGRAM).is_file():
+        parts.append(
+            f'<img class="histogram" src="{GALLERY_HISTOGRAM}" '
+            'alt="histogram of image scores">'
+        )
+    parts += [
+        "<h2>Most anomalous</h2>",
+        _cards_html(_by_score(checked, descending=True, limit=per_section)),
+        "<h2>Least anomalous</h2>",
+        _cards_html(_by_score(checked, descending=False, limit=per_section)),
+    ]
+    if any(e["label"] is not None for e in checked):
+        anomalous = [e for e in checked if e["label"] == 1]
+        normal = [e for e in checked if e["label"] == 0]
+        parts += [
+            "<h2>Worst mistakes</h2>",
+            "<h3>Anomalous images with the lowest scores</h3>",
+            _cards_html(_by_score(anomalous, descending=False, limit=per_section)),
+            "<h3>Normal images with the highest scores</h3>",
+            _cards_html(_by_score(normal, descending=True, limit=per_section)),
+        ]
+    parts.append("</body></html>")
+    path = directory / "index.html"
+    atomic_write_text(path, "\n".join(parts) + "\n")
+    return os.fspath(path)

@@ -19,6 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 import tqdm
+from absl import logging
 
 from recontrast_jax import checkpointing, evaluate, losses, parallel, reports
 from recontrast_jax import pretrained as pretrained_lib
@@ -333,7 +334,10 @@ def run_training(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    dataset = training_dataset(config, files.train)
+    # Deterministic batches: resuming at `step` skips the batches already used.
+    dataset = training_dataset(config, files.train, start_batch=step)
+    if step:
+        logging.info("%s: resuming from step %d", category, step)
     with bar:
         for batch in input_pipeline.iterate_numpy(dataset):
             images = parallel.global_batch(mesh, batch)["image"]
@@ -352,13 +356,14 @@ def run_training(
             if step % config.eval.every == 0 or step == total:
                 last = evaluator(state)
                 writer.scalars(step, {f"eval/{k}": v for k, v in last[1].items()})
+            if step % config.checkpoint.every == 0 or step == total:
                 checkpointing.save(ckpt, step, state)
             if step >= total:
                 break
     return state, last
 
 
-def training_dataset(config: ml_collections.ConfigDict, samples):
+def training_dataset(config: ml_collections.ConfigDict, samples, start_batch: int = 0):
     """The endless, per-process training pipeline for `samples`."""
     processes = jax.process_count()
     if config.train.batch_size % processes:
@@ -376,6 +381,7 @@ def training_dataset(config: ml_collections.ConfigDict, samples):
         cache=config.data.cache,
         process_index=jax.process_index(),
         process_count=processes,
+        start_batch=start_batch,
     )
 
 

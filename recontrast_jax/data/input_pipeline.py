@@ -351,6 +351,7 @@ def train_dataset(
     cache: bool = True,
     process_index: int = 0,
     process_count: int = 1,
+    start_batch: int = 0,
 ) -> tf.data.Dataset:
     """Endless training batches, epoch after epoch, like a PyTorch DataLoader.
 
@@ -375,6 +376,9 @@ def train_dataset(
         ``len(samples) // process_count`` images so that every process runs
         the same number of steps per epoch.
       process_count: Number of processes.
+      start_batch: Batches to skip (the data position of a resumed run); the
+        stream then continues exactly where a run that consumed that many
+        batches was. Skipping happens before any image is loaded.
 
     Returns:
       A ``tf.data.Dataset`` of ``{'image': float32 [b, crop, crop, 3]}``.
@@ -425,7 +429,7 @@ def train_dataset(
         images = tf.ensure_shape(images, [batch_dim, crop_size, crop_size, 3])
         return {"image": _normalize_tf(images)}
 
-    ds = tf.data.Dataset.counter().flat_map(epoch_batches)
+    ds = tf.data.Dataset.counter().flat_map(epoch_batches).skip(start_batch)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     return ds.prefetch(tf.data.AUTOTUNE)
 

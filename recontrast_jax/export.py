@@ -1,0 +1,301 @@
+"""Self-contained inference artifacts: ``jax.export`` and a TF SavedModel.
+
+An exported model takes uint8 RGB images already resized to
+``(image_size, image_size)`` (PIL bilinear, as in training; see
+:func:`preprocess_for_export`) and does everything else inside: the
+torchvision center crop, ``ToTensor`` + ImageNet normalisation in float32,
+the ReContrast forward pass and the anomaly map and image score of
+:func:`recontrast_jax.evaluate.predict`. The model variables are embedded as
+constants, so the artifact needs neither the checkpoint nor this package (only
+``jax`` to deserialise it). The batch dimension is symbolic: any batch size
+works with the same artifact.
+
+Layout of an export directory::
+
+  model.jax_export   serialized jax.export.Exported
+  metadata.json      sizes, settings, input description, extra metadata
+  saved_model/       TensorFlow SavedModel (only if jax2tf succeeded)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import types
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# input_pipeline first: it configures TensorFlow's logging and oneDNN before
+# anything (jax2tf) imports TensorFlow.
+from recontrast_jax.data import input_pipeline  # isort: skip
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from recontrast_jax import evaluate, reports
+
+FORMAT_VERSION = 1
+EXPORT_FILE = "model.jax_export"
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_DIR = "saved_model"
+
+INPUT_DESCRIPTION = (
+    "uint8 RGB images [batch, image_size, image_size, 3], resized from the "
+    "original with PIL bilinear (antialiased) to (image_size, image_size); the "
+    "model center-crops to crop_size and normalises with the ImageNet mean/std. "
+    "Outputs: anomaly maps float32 [batch, crop_size, crop_size] and image "
+    "scores float32 [batch]."
+)
+
+_MEAN32 = np.asarray(input_pipeline.IMAGENET_MEAN, np.float32)
+_STD32 = np.asarray(input_pipeline.IMAGENET_STD, np.float32)
+
+
+def preprocess_for_export(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
+    """Resizes one image of any size to the exported model's input.
+
+    The same PIL bilinear resize as training; the center crop is left to the
+    exported model (a crop of the full size is the identity).
+
+    Args:
+      image_uint8: uint8 RGB array (H, W, 3) of any size.
+      image_size: Side of the square resize (``metadata['image_size']``).
+
+    Returns:
+      uint8 array (image_size, image_size, 3).
+    """
+    image = np.asarray(image_uint8)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
+        raise ValueError(
+            f"preprocess_for_export expects a uint8 (H, W, 3) RGB image, got "
+            f"{image.dtype} {image.shape}"
+        )
+    return input_pipeline.resize_and_crop_uint8(image, image_size, image_size)
+
+
+def _host_variables(state) -> types.SimpleNamespace:
+    """The variables `evaluate.predict` reads, as host numpy arrays.
+
+    Copying to the host drops any device sharding, so the closed-over values
+    become plain constants of the exported module; the optimiser state (which
+    inference never reads) is left out.
+    """
+    return types.SimpleNamespace(
+        params=jax.device_get(state.params),
+        batch_stats=jax.device_get(state.batch_stats),
+        frozen=jax.device_get(state.frozen),
+    )
+
+
+def _normalize(images_uint8: jax.Array) -> jax.Array:
+    """``input_pipeline.normalize_uint8`` in jnp: the same float32 operations."""
+    scaled = images_uint8.astype(jnp.float32) / jnp.float32(255)
+    return (scaled - _MEAN32) / _STD32
+
+
+def inference_fn(
+    state, config: ml_collections.ConfigDict
+) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
+    """The pure function that is exported, with the variables closed over.
+
+    Args:
+      state: A `train.TrainState` (or any object with ``params``,
+        ``batch_stats`` and ``frozen``).
+      config: Run config; reads ``data.image_size``, ``data.crop_size``,
+        ``model.arch`` and ``eval.sigma``/``score_rule``/``max_ratio``.
+
+    Returns:
+      ``fn(images_uint8 [B, S, S, 3]) -> (maps [B, C, C], scores [B])``, float32,
+      with S = image_size and C = crop_size.
+    """
+    image_size, crop_size = config.data.image_size, config.data.crop_size
+    top = input_pipeline.center_crop_offsets(image_size, crop_size)
+    variables = _host_variables(state)
+    settings = dict(
+        arch=config.model.arch,
+        sigma=float(config.eval.sigma),
+        score_rule=config.eval.score_rule,
+        max_ratio=float(config.eval.max_ratio),
+    )
+
+    def fn(images_uint8):
+        if images_uint8.dtype != jnp.uint8 or tuple(images_uint8.shape[1:]) != (
+            image_size,
+            image_size,
+            3,
+        ):
+            raise ValueError(
+                f"expected uint8 images [B, {image_size}, {image_size}, 3], got "
+                f"{images_uint8.dtype} {images_uint8.shape}"
+            )
+        crops = images_uint8[:, top : top + crop_size, top : top + crop_size, :]
+        return evaluate.predict(variables, _normalize(crops), **settings)
+
+    return fn
+
+
+def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
+    """uint8 [b, S, S, 3] with a symbolic batch dimension ``b``."""
+    shape = jax.export.symbolic_shape(f"b, {image_size}, {image_size}, 3")
+    return jax.ShapeDtypeStruct(shape, jnp.uint8)
+
+
+def _metadata(config: ml_collections.ConfigDict, extra: Mapping[str, Any] | None):
+    metadata = {
+        "format_version": FORMAT_VERSION,
+        "image_size": int(config.data.image_size),
+        "crop_size": int(config.data.crop_size),
+        "arch": str(config.model.arch),
+        "score_rule": str(config.eval.score_rule),
+        "sigma": float(config.eval.sigma),
+        "max_ratio": float(config.eval.max_ratio),
+        "input": INPUT_DESCRIPTION,
+        "jax_version": jax.__version__,
+    }
+    for key, value in (extra or {}).items():
+        if key in metadata:
+            raise ValueError(f"extra_metadata key {key!r} would overwrite {key}")
+        metadata[key] = value
+    return metadata
+
+
+def _save_tf_saved_model(fn, image_size: int, path: str) -> bool:
+    """Writes a SavedModel with jax2tf; logs a warning and returns False on failure.
+
+    The SavedModel is a convenience for TensorFlow users; the ``jax.export``
+    artifact is the reference, so a jax2tf failure must not fail the export.
+    """
+    try:
+        import tensorflow as tf
+        from jax.experimental import jax2tf
+
+        tf_fn = jax2tf.convert(
+            fn,
+            polymorphic_shapes=[f"(b, {image_size}, {image_size}, 3)"],
+            with_gradient=False,
+        )
+        module = tf.Module()
+        module.predict = tf.function(
+            lambda images: dict(zip(("maps", "scores"), tf_fn(images), strict=True)),
+            input_signature=[
+                tf.TensorSpec([None, image_size, image_size, 3], tf.uint8, "images")
+            ],
+            autograph=False,
+        )
+        tf.saved_model.save(
+            module, path, signatures={"serving_default": module.predict}
+        )
+        return True
+    except Exception as e:  # noqa: BLE001 - optional artifact, see docstring.
+        logging.warning(
+            "export: skipped the TensorFlow SavedModel at %s (jax2tf failed: %s: %s); "
+            "the jax.export artifact is complete without it",
+            path,
+            type(e).__name__,
+            e,
+        )
+        return False
+
+
+def export_model(
+    state,
+    config: ml_collections.ConfigDict,
+    directory: str | os.PathLike,
+    extra_metadata: Mapping[str, Any] | None = None,
+    *,
+    saved_model: bool = True,
+    platforms: tuple[str, ...] | None = None,
+) -> str:
+    """Exports the model for inference on uint8 images of any batch size.
+
+    Args:
+      state: A `train.TrainState` (variables are copied to the host).
+      config: Run config (see :func:`inference_fn`).
+      directory: Output directory, created if needed.
+      extra_metadata: JSON-compatible values added to ``metadata.json`` (e.g.
+        thresholds); keys must not clash with the standard ones.
+      saved_model: Also try to write a TensorFlow SavedModel (jax2tf).
+      platforms: ``jax.export`` platforms; None for the default backend.
+
+    Returns:
+      ``directory`` as a string.
+    """
+    directory = os.fspath(directory)
+    metadata = _metadata(config, extra_metadata)
+    fn = inference_fn(state, config)
+    spec = _input_spec(config.data.image_size)
+    exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
+    reports.atomic_write_bytes(
+        os.path.join(directory, EXPORT_FILE), bytes(exported.serialize())
+    )
+    metadata["platforms"] = list(exported.platforms)
+    metadata["saved_model"] = saved_model and _save_tf_saved_model(
+        fn, config.data.image_size, os.path.join(directory, SAVED_MODEL_DIR)
+    )
+    reports.atomic_write_json(os.path.join(directory, METADATA_FILE), metadata)
+    return directory
+
+
+def load_exported(
+    directory: str | os.PathLike,
+) -> tuple[Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], dict]:
+    """Loads an export written by :func:`export_model`.
+
+    Args:
+      directory: The export directory.
+
+    Returns:
+      ``(predict, metadata)``: ``predict(images_uint8 [B, S, S, 3])`` returns
+      numpy ``(maps [B, C, C], scores [B])`` float32; ``metadata`` is the dict
+      from ``metadata.json``.
+
+    Raises:
+      FileNotFoundError: If the directory or one of its files is missing.
+      ValueError: If ``metadata.json`` is unreadable or of another format.
+    """
+    directory = os.fspath(directory)
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"export directory {directory} does not exist")
+    export_path = os.path.join(directory, EXPORT_FILE)
+    metadata_path = os.path.join(directory, METADATA_FILE)
+    for path in (export_path, metadata_path):
+        if not os.path.isfile(path):
+            raise FileNotFoundError(
+                f"export file {path} is missing (expected {EXPORT_FILE} and "
+                f"{METADATA_FILE} in {directory}, written by export_model)"
+            )
+    metadata = _read_metadata(metadata_path)
+    with open(export_path, "rb") as f:
+        exported = jax.export.deserialize(bytearray(f.read()))
+    size = metadata["image_size"]
+
+    def predict(images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        images = np.asarray(images_uint8)
+        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"the model exported in {directory} expects uint8 images "
+                f"[B, {size}, {size}, 3] (see preprocess_for_export), got "
+                f"{images.dtype} {images.shape}"
+            )
+        maps, scores = exported.call(images)
+        return np.asarray(maps), np.asarray(scores)
+
+    return predict, metadata
+
+
+def _read_metadata(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            metadata = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read export metadata {path}: {e}") from None
+    version = metadata.get("format_version") if isinstance(metadata, dict) else None
+    if version != FORMAT_VERSION:
+        raise ValueError(
+            f"export metadata {path} has format_version {version!r}; this code "
+            f"reads version {FORMAT_VERSION}"
+        )
+    return metadata
