@@ -40,6 +40,7 @@ def get_config(category: str = "all"):
     config.model.pretrained = "imagenet"
     config.model.encoder_bn_train = True
     config.model.encoder_bn_eval_categories = default_config.MVTEC_ENCODER_BN_EVAL
+    config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     config.train.steps = 2000
     config.train.batch_size = 16
     config.eval.every = 250

@@ -38,6 +38,7 @@ def get_config(category: str = "all"):
     config.model.arch = "wide_resnet50_2"
     config.model.pretrained = "imagenet"
     config.model.encoder_bn_eval_categories = default_config.VISA_ENCODER_BN_EVAL
+    config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     config.train.steps = 3000
     config.train.batch_size = 16
     config.eval.every = 250

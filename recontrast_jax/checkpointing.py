@@ -24,6 +24,22 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
     mngr.wait_until_finished()
 
 
+class NoCheckpointError(FileNotFoundError):
+    """The requested checkpoint does not exist."""
+
+
+def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
+    """Restores `step` (None: the latest) into the structure/sharding of `target`."""
+    if step is None:
+        return restore_latest(mngr, target)
+    if step not in mngr.all_steps():
+        raise NoCheckpointError(
+            f"No checkpoint for step {step} in {mngr.directory}; have {list(mngr.all_steps())}."
+        )
+    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
 def restore_latest(mngr: ocp.CheckpointManager, target):
     """Restores the latest checkpoint into the structure/sharding of `target`.
 

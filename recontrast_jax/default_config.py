@@ -18,6 +18,9 @@ def get_config() -> ml_collections.ConfigDict:
     """The paper's MVTec AD protocol (spec section 3.1) on a user folder."""
     config = ml_collections.ConfigDict()
     config.method = "recontrast"
+    # train: train (resuming) and evaluate; evaluate: evaluate a checkpoint;
+    # predict: score the images of predict.input; export: write an inference artifact.
+    config.mode = "train"
     config.seed = 111  # setup_seed(111) at the start of every category
 
     config.data = ml_collections.ConfigDict()
@@ -32,6 +35,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.image_size = 256  # Resize((s, s)), PIL bilinear with antialias
     config.data.crop_size = 256  # CenterCrop after resizing
     config.data.cache = True  # keep decoded training images in memory
+    # Normal training images held out (never trained on) to calibrate thresholds.
+    # The paper configs set 0 (the paper trains on all of them); thresholds then
+    # come from the training images themselves and say so.
+    config.data.holdout_fraction = 0.1
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
@@ -69,6 +76,23 @@ def get_config() -> ml_collections.ConfigDict:
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 250  # steps between checkpoints (and one at the end)
     config.checkpoint.max_to_keep = 2  # the newest k, so the final one is kept
+    config.checkpoint.step = -1  # evaluate/predict/export: this step (-1 = latest)
+
+    config.threshold = ml_collections.ConfigDict()
+    # quantile | mean_std | fixed | f1_optimal_on_test (see thresholds.py)
+    config.threshold.rule = "quantile"
+    config.threshold.quantile = 0.99  # for 'quantile'
+    config.threshold.k = 3.0  # for 'mean_std'
+    config.threshold.image_value = 1.0  # for 'fixed'
+    config.threshold.pixel_value = 1.0  # for 'fixed'
+
+    config.predict = ml_collections.ConfigDict()
+    config.predict.input = ""  # folder of images to score (searched recursively)
+    config.predict.output = ""  # default: <workdir>/predictions/<category>
+    config.predict.num_heatmaps = 1000  # overlays written (most anomalous first)
+
+    config.export = ml_collections.ConfigDict()
+    config.export.directory = ""  # default: <workdir>/export/<category>
 
     config.report = ml_collections.ConfigDict()
     config.report.title = "ReContrast"
@@ -90,4 +114,5 @@ def medical_config(name: str) -> ml_collections.ConfigDict:
     config.train.batch_size = 32
     config.eval.batch_size = 32
     config.eval.pixel_metrics = False
+    config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     return config

@@ -118,14 +118,21 @@ def select_heatmap_indices(result: SplitResult, count: int) -> list[int]:
     return sorted(anomalous + normal)
 
 
-def write_heatmaps(result: SplitResult, directory: str, count: int, names: list[str]):
+def write_heatmaps(
+    result: SplitResult, directory: str, count: int, names: list[str]
+) -> list[dict]:
     """Writes image | ground truth | map | overlay panels for some test images.
 
-    All panels of a category share one colour scale (the test maps' range).
+    All panels of a category share one colour scale (the test maps' range), so
+    normal images do not look hot.
+
+    Returns:
+      Gallery entries (see `reports.write_gallery`) of the panels written.
     """
     if count <= 0 or len(result.scores) == 0:
-        return
+        return []
     vmin, vmax = float(result.maps.min()), float(result.maps.max())
+    entries = []
     for i in select_heatmap_indices(result, count):
         panel = reports.heatmap_panel(
             result.images[i],
@@ -136,5 +143,37 @@ def write_heatmaps(result: SplitResult, directory: str, count: int, names: list[
             vmax,
             title=names[i],
         )
-        stem = os.path.splitext(names[i])[0].replace(os.sep, "_")
-        reports.save_png(os.path.join(directory, f"{stem}.png"), panel)
+        file_name = os.path.splitext(names[i])[0].replace(os.sep, "_") + ".png"
+        reports.save_png(os.path.join(directory, file_name), panel)
+        entries.append(
+            {
+                "image": file_name,
+                "name": names[i],
+                "score": float(result.scores[i]),
+                "label": int(result.labels[i]),
+            }
+        )
+    return entries
+
+
+def write_report(
+    result: SplitResult,
+    directory: str,
+    entries: list[dict],
+    threshold: dict,
+    title: str,
+) -> None:
+    """The score histogram (normal vs anomalous, threshold drawn) and the gallery."""
+    labels = result.labels.astype(bool)
+    histogram = reports.score_histogram(
+        result.scores[~labels],
+        result.scores[labels],
+        {threshold["rule"].split(" of ")[0]: threshold["image"]},
+        title=title,
+    )
+    reports.save_png(os.path.join(directory, reports.GALLERY_HISTOGRAM), histogram)
+    for entry in entries:
+        entry["decision"] = int(entry["score"] >= threshold["image"])
+    reports.write_gallery(
+        directory, entries, title, subtitle=f"threshold: {threshold['rule']}"
+    )

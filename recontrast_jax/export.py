@@ -50,8 +50,12 @@ INPUT_DESCRIPTION = (
     "scores float32 [batch]."
 )
 
-_MEAN32 = np.asarray(input_pipeline.IMAGENET_MEAN, np.float32)
-_STD32 = np.asarray(input_pipeline.IMAGENET_STD, np.float32)
+# normalize_uint8 of every uint8 value, per channel: (256, 3) float32. Looking
+# values up keeps the exported normalisation bit-identical to the host one (XLA
+# would otherwise turn the division by 255 into a multiplication).
+_NORMALIZE_TABLE = input_pipeline.normalize_uint8(
+    np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+)
 
 
 def preprocess_for_export(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
@@ -91,9 +95,9 @@ def _host_variables(state) -> types.SimpleNamespace:
 
 
 def _normalize(images_uint8: jax.Array) -> jax.Array:
-    """``input_pipeline.normalize_uint8`` in jnp: the same float32 operations."""
-    scaled = images_uint8.astype(jnp.float32) / jnp.float32(255)
-    return (scaled - _MEAN32) / _STD32
+    """``input_pipeline.normalize_uint8`` on device, bit-identical to it."""
+    table = jnp.asarray(_NORMALIZE_TABLE)
+    return table[images_uint8.astype(jnp.int32), jnp.arange(3)]
 
 
 def inference_fn(
@@ -299,3 +303,34 @@ def _read_metadata(path: str) -> dict:
             f"reads version {FORMAT_VERSION}"
         )
     return metadata
+
+
+def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Export mode: writes one artifact per category from its checkpoint.
+
+    The chosen thresholds (when calibrated) go into the metadata, so a serving
+    system can decide exactly as `predict` does.
+    """
+    from recontrast_jax import checkpointing, parallel, thresholds, train
+    from recontrast_jax.data import sources
+
+    directories = []
+    for category in sources.category_names(config):
+        mesh = parallel.make_mesh()
+        tx = train.make_optimizer(config.optimizer)
+        ckpt = checkpointing.manager(
+            train.category_dirs(workdir, category)["checkpoints"]
+        )
+        state = train.initial_state(config, tx, ckpt, mesh)
+        extra = {"category": category, "step": int(jax.device_get(state.step))}
+        try:
+            extra["thresholds"] = thresholds.choose(
+                thresholds.load(workdir, category), config.threshold
+            )
+        except (FileNotFoundError, ValueError) as e:
+            logging.warning("%s: no thresholds in the export (%s)", category, e)
+        directory = config.export.directory or os.path.join(workdir, "export", category)
+        directories.append(
+            export_model(jax.device_get(state), config, directory, extra)
+        )
+    return directories

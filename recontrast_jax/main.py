@@ -1,4 +1,8 @@
-"""Command-line entry: `python -m recontrast_jax.main --config C --workdir W`."""
+"""Command-line entry: `python -m recontrast_jax.main --config C --workdir W`.
+
+`--config.mode` picks what to do: train (default; resumes), evaluate, predict
+(`--config.predict.input=DIR`) or export.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +13,10 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recontrast_jax import train
+from recontrast_jax import export, predict, train
 from recontrast_jax.data import folder
 
+MODES = ("train", "evaluate", "predict", "export")
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
@@ -39,15 +44,28 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
+    config, workdir = FLAGS.config, FLAGS.workdir
     try:
-        summary = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-    except (folder.DatasetError, train.WorkdirError) as e:
+        if config.mode in ("train", "evaluate"):
+            report(train.train_and_evaluate(config, workdir), workdir)
+        elif config.mode == "predict":
+            predict.predict(config, workdir)
+        elif config.mode == "export":
+            for directory in export.export_categories(config, workdir):
+                print(f"exported: {directory}")
+        else:
+            raise ValueError(f"Unknown config.mode {config.mode!r}: use {MODES}.")
+    except (folder.DatasetError, train.WorkdirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+
+
+def report(summary: dict, workdir: str) -> None:
+    """Prints the mean metrics and where the results are."""
     mean = summary["mean"]
     shown = [k for k in train.REPORTED_METRICS if k in mean]
     print("mean over categories: " + ", ".join(f"{k}={mean[k]:.4f}" for k in shown))
-    print(f"results: {FLAGS.workdir}/results.md, metrics: {FLAGS.workdir}/metrics.json")
+    print(f"results: {workdir}/results.md, metrics: {workdir}/metrics.json")
 
 
 if __name__ == "__main__":

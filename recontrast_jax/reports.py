@@ -238,6 +238,7 @@ def heatmap_panel(
     vmin: float,
     vmax: float,
     title: str = "",
+    mask_name: str = "ground truth",
 ) -> np.ndarray:
     """Four tiles side by side: image | ground truth | anomaly map | overlay.
 
@@ -253,6 +254,7 @@ def heatmap_panel(
       vmin: anomaly value shown as dark blue.
       vmax: anomaly value shown as dark red.
       title: optional text before the score (e.g. the file name).
+      mask_name: caption of the mask tile (e.g. 'predicted mask' in predictions).
 
     Returns:
       (2 * 14 + H, 4 * W + 3 * 4, 3) uint8 RGB array.
@@ -270,7 +272,8 @@ def heatmap_panel(
     panel = np.full((2 * _LINE_HEIGHT + tile_h, width, 3), _GAP_COLOUR, dtype=np.uint8)
     headline = f"{title}  score {score:.4f}" if title else f"score {score:.4f}"
     panel[:_LINE_HEIGHT] = _caption(headline, width)
-    for i, (name, tile) in enumerate(zip(TILE_NAMES, tiles, strict=True)):
+    names = (TILE_NAMES[0], mask_name, *TILE_NAMES[2:])
+    for i, (name, tile) in enumerate(zip(names, tiles, strict=True)):
         left = i * (tile_w + _GAP)
         panel[_LINE_HEIGHT : 2 * _LINE_HEIGHT, left : left + tile_w] = _caption(
             name, tile_w

@@ -21,7 +21,14 @@ import optax
 import tqdm
 from absl import logging
 
-from recontrast_jax import checkpointing, evaluate, losses, parallel, reports
+from recontrast_jax import (
+    checkpointing,
+    evaluate,
+    losses,
+    parallel,
+    reports,
+    thresholds,
+)
 from recontrast_jax import pretrained as pretrained_lib
 from recontrast_jax.data import input_pipeline, sources
 from recontrast_jax.models import recontrast
@@ -258,30 +265,50 @@ def train_category(
       The metrics of the last evaluation (at step T), plus timings.
     """
     files = sources.category_files(config, category)
+    train_samples, held_out = thresholds.holdout_split(
+        files.train, config.data.holdout_fraction, config.seed
+    )
     dirs = category_dirs(workdir, category)
     tx = make_optimizer(config.optimizer)
     ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
     state = initial_state(config, tx, ckpt, mesh)
     predict_fn = evaluate.compile_predict(config, mesh)
-    evaluator = functools.partial(evaluate_state, predict_fn, files, config, mesh)
+    evaluator = functools.partial(evaluate_state, predict_fn, files.test, config, mesh)
     writer = SummaryWriter(dirs["tensorboard"])
     start = time.perf_counter()
-    step_fn = compile_train_step(
-        config, tx, mesh, encoder_bn_train_mode(config, category)
-    )
-    state, last = run_training(
-        config, category, files, mesh, state, step_fn, evaluator, writer, ckpt
-    )
+    last = None
+    if config.mode == "train":
+        step_fn = compile_train_step(
+            config, tx, mesh, encoder_bn_train_mode(config, category)
+        )
+        state, last = run_training(
+            config,
+            category,
+            train_samples,
+            mesh,
+            state,
+            step_fn,
+            evaluator,
+            writer,
+            ckpt,
+        )
     train_seconds = time.perf_counter() - start
     start = time.perf_counter()
-    if last is None:  # resumed after the end: evaluate the final state
+    if last is None:  # evaluate mode, or resumed after the end
         last = evaluator(state)
     result, metrics = last
+    calibration = calibrate(
+        predict_fn, state, result, train_samples, held_out, config, mesh
+    )
     if jax.process_index() == 0:
+        thresholds.save(workdir, category, calibration)
         names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
-        evaluate.write_heatmaps(
+        entries = evaluate.write_heatmaps(
             result, dirs["heatmaps"], config.report.num_heatmaps, names
         )
+        chosen = choose_threshold(calibration, config)
+        evaluate.write_report(result, dirs["heatmaps"], entries, chosen, category)
+        writer.heatmaps(int(jax.device_get(state.step)), dirs["heatmaps"], entries)
     writer.close()
     return {
         **metrics,
@@ -291,9 +318,50 @@ def train_category(
     }
 
 
+def choose_threshold(calibration: dict, config: ml_collections.ConfigDict) -> dict:
+    """The configured threshold, falling back to fixed values if it cannot be had."""
+    try:
+        return thresholds.choose(calibration, config.threshold)
+    except ValueError as e:
+        logging.warning("%s; using the fixed thresholds instead.", e)
+        fixed = ml_collections.ConfigDict(dict(config.threshold, rule="fixed"))
+        return thresholds.choose(calibration, fixed)
+
+
+def calibrate(
+    predict_fn, state, test_result, train_samples, held_out, config, mesh
+) -> dict:
+    """Scores normal images for thresholds: the held-out slice, else the training set.
+
+    Also records the F1-optimal thresholds on the labelled test set (named so).
+    """
+    normal, source = (
+        (held_out, "held-out") if held_out else (train_samples, "training (in-sample)")
+    )
+    scored = evaluate.evaluate_split(predict_fn, state, normal, config, mesh)
+    masks = test_result.masks if config.eval.pixel_metrics else None
+    return {
+        "normal": thresholds.summarize_normal_scores(
+            scored.scores, scored.maps, source
+        ),
+        "f1_optimal_on_test": thresholds.f1_optimal_on_test(
+            test_result.labels, test_result.scores, masks, test_result.maps
+        ),
+        "step": int(jax.device_get(state.step)),
+    }
+
+
 def initial_state(config: ml_collections.ConfigDict, tx, ckpt, mesh) -> TrainState:
-    """The latest checkpoint if there is one, else a new (pretrained) state."""
+    """The checkpoint to continue from or evaluate, else a new (pretrained) state.
+
+    Training resumes from the latest checkpoint; the other modes restore
+    `config.checkpoint.step` (-1: the latest) and need one to exist.
+    """
     resuming = ckpt.latest_step() is not None
+    if config.mode != "train" and not resuming:
+        raise checkpointing.NoCheckpointError(
+            f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
+        )
     state = create_train_state(
         config.model.arch,
         config.data.crop_size,
@@ -302,17 +370,20 @@ def initial_state(config: ml_collections.ConfigDict, tx, ckpt, mesh) -> TrainSta
         "" if resuming else config.model.pretrained,
     )
     state = parallel.replicate(mesh, state)
-    return checkpointing.restore_latest(ckpt, state) if resuming else state
+    if not resuming:
+        return state
+    step = None if config.mode == "train" else config.checkpoint.step
+    return checkpointing.restore(ckpt, state, None if step in (None, -1) else step)
 
 
-def evaluate_state(predict_fn, files, config, mesh, state):
+def evaluate_state(predict_fn, test_samples, config, mesh, state):
     """Evaluates `state` on the test split: (SplitResult, metrics dict)."""
-    result = evaluate.evaluate_split(predict_fn, state, files.test, config, mesh)
+    result = evaluate.evaluate_split(predict_fn, state, test_samples, config, mesh)
     return result, evaluate.compute_metrics(result, config.eval.pixel_metrics)
 
 
 def run_training(
-    config, category, files, mesh, state, step_fn, evaluator, writer, ckpt
+    config, category, train_samples, mesh, state, step_fn, evaluator, writer, ckpt
 ):
     """Steps from `state.step` to `config.train.steps`, logging, evaluating, saving.
 
@@ -335,7 +406,7 @@ def run_training(
         dynamic_ncols=True,
     )
     # Deterministic batches: resuming at `step` skips the batches already used.
-    dataset = training_dataset(config, files.train, start_batch=step)
+    dataset = training_dataset(config, train_samples, start_batch=step)
     if step:
         logging.info("%s: resuming from step %d", category, step)
     with bar:
@@ -402,6 +473,19 @@ class SummaryWriter:
         with self._writer.as_default():
             for name, value in values.items():
                 self._tf.summary.scalar(name, value, step=step)
+        self._writer.flush()
+
+    def heatmaps(self, step: int, directory: str, entries: list[dict]) -> None:
+        """A few heatmap panels as TensorBoard images."""
+        if self._writer is None or not entries:
+            return
+        from PIL import Image
+
+        with self._writer.as_default():
+            for entry in entries[:4]:
+                panel = np.asarray(Image.open(os.path.join(directory, entry["image"])))
+                name = f"heatmaps/{entry['name']}"
+                self._tf.summary.image(name, panel[None], step=step)
         self._writer.flush()
 
     def close(self) -> None:

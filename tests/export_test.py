@@ -106,6 +106,17 @@ def test_preprocess_for_export_rejects_non_rgb():
         export.preprocess_for_export(np.zeros((8, 8), np.uint8), IMAGE_SIZE)
 
 
+def test_in_model_normalization_is_bit_identical_to_torch_arithmetic():
+    images = np.random.default_rng(0).integers(0, 256, (2, 9, 9, 3), dtype=np.uint8)
+    mean = np.float32([0.485, 0.456, 0.406])
+    std = np.float32([0.229, 0.224, 0.225])
+    # ToTensor then Normalize, step by step in float32.
+    expected = (images.astype(np.float32) / np.float32(255) - mean) / std
+    got = np.asarray(jax.jit(export._normalize)(images))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+
+
 @pytest.mark.parametrize("batch_size", [2, 3])
 def test_exported_model_matches_in_process_path(state, export_dir, batch_size):
     predict, _ = export.load_exported(export_dir)

@@ -96,8 +96,15 @@ def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path, tiny_d
     assert stored["categories"]["brick"]["steps"] == 3
     assert "| **mean** |" in (workdir / "results.md").read_text()
     assert json.loads((workdir / "config.json").read_text())["model"]["arch"] == ARCH
-    panels = os.listdir(workdir / "heatmaps" / "brick")
+    report = set(os.listdir(workdir / "heatmaps" / "brick"))
+    assert {"index.html", "histogram.png"} <= report
+    panels = report - {"index.html", "histogram.png"}
     assert len(panels) == 3 and all(p.endswith(".png") for p in panels)
+    calibration = json.loads((workdir / "calibration" / "brick.json").read_text())
+    assert calibration["normal"]["source"] == "held-out"
+    assert (
+        len(calibration["normal"]["image_scores"]) == 1
+    )  # 10% of 6 images, at least 1
     assert os.listdir(workdir / "checkpoints" / "brick") == ["3"]
     assert os.listdir(workdir / "tensorboard" / "brick")
 

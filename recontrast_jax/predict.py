@@ -1,0 +1,141 @@
+"""Score a folder of images with a trained model: CSV, overlays, gallery.
+
+`python -m recontrast_jax.main --config C --workdir W --config.mode=predict
+--config.predict.input=DIR` restores the category's checkpoint, preprocesses
+every image under DIR (recursively, any format PIL reads) like the test images,
+and writes to `<workdir>/predictions/<category>/`:
+  - `predictions.csv`: path, score, normalized_score (threshold -> 0.5),
+    decision (1 = anomalous), anomalous_pixel_fraction (map >= pixel threshold);
+  - `summary.json`: the thresholds and the rule that chose them;
+  - one image | predicted mask | map | overlay PNG per image, on a fixed colour
+    scale (normal pixels blue, the pixel threshold in the middle), and an
+    `index.html` gallery, most anomalous first.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+import jax
+import ml_collections
+import numpy as np
+
+from recontrast_jax import checkpointing, evaluate, parallel, reports, thresholds, train
+from recontrast_jax.data import folder, sources
+
+
+def list_images(directory: str) -> list[str]:
+    """Image files under `directory`, recursively, sorted."""
+    if not os.path.isdir(directory):
+        raise folder.DatasetError(f"predict.input {directory!r} is not a folder")
+    paths = sorted(
+        os.path.join(root, name)
+        for root, _, names in os.walk(directory)
+        for name in names
+        if folder.is_image_file(name)
+    )
+    if not paths:
+        raise folder.DatasetError(f"no images under {directory}")
+    return paths
+
+
+def predict_category(
+    config: ml_collections.ConfigDict, workdir: str, category: str
+) -> str:
+    """Scores `config.predict.input` with the model of `category`; returns the output dir."""
+    paths = list_images(config.predict.input)
+    samples = [folder.Sample(p, None, 0, "unknown") for p in paths]
+    mesh = parallel.make_mesh()
+    tx = train.make_optimizer(config.optimizer)
+    directory = train.category_dirs(workdir, category)["checkpoints"]
+    state = train.initial_state(config, tx, checkpointing.manager(directory), mesh)
+    result = evaluate.evaluate_split(
+        evaluate.compile_predict(config, mesh), state, samples, config, mesh
+    )
+    calibration = (
+        {} if config.threshold.rule == "fixed" else thresholds.load(workdir, category)
+    )
+    chosen = thresholds.choose(calibration, config.threshold)
+    output = config.predict.output or os.path.join(workdir, "predictions", category)
+    rows = prediction_rows(paths, config.predict.input, result, chosen)
+    write_csv(os.path.join(output, "predictions.csv"), rows)
+    reports.atomic_write_json(
+        os.path.join(output, "summary.json"),
+        {"category": category, "thresholds": chosen, "images": len(rows),
+         "anomalous": int(sum(r["decision"] for r in rows))},
+    )  # fmt: skip
+    write_overlays(
+        output, rows, result, chosen, calibration, config.predict.num_heatmaps
+    )
+    return output
+
+
+def prediction_rows(paths, root, result, chosen) -> list[dict]:
+    normalized = thresholds.normalize(result.scores, chosen["image"])
+    return [
+        {
+            "path": os.path.relpath(path, root),
+            "score": float(score),
+            "normalized_score": float(norm),
+            "decision": int(score >= chosen["image"]),
+            "anomalous_pixel_fraction": float(np.mean(amap >= chosen["pixel"])),
+        }
+        for path, score, norm, amap in zip(
+            paths, result.scores, normalized, result.maps, strict=True
+        )
+    ]
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    reports.atomic_write_text(path, buffer.getvalue())
+
+
+def colour_scale(
+    chosen: dict, calibration: dict, maps: np.ndarray
+) -> tuple[float, float]:
+    """A fixed scale: normal pixels low, the pixel threshold at mid-scale."""
+    normal = calibration.get("normal")
+    low = float(normal["pixel_quantiles"]["0.5"]) if normal else float(np.median(maps))
+    high = chosen["pixel"] + (chosen["pixel"] - low)
+    if not np.isfinite(high) or high <= low:
+        low, high = float(maps.min()), float(maps.max())
+    return low, high
+
+
+def write_overlays(output, rows, result, chosen, calibration, count) -> None:
+    vmin, vmax = colour_scale(chosen, calibration, result.maps)
+    order = np.argsort(-result.scores, kind="stable")[:count]
+    entries = []
+    for i in order:
+        row = rows[i]
+        panel = reports.heatmap_panel(
+            result.images[i], result.maps[i] >= chosen["pixel"], result.maps[i],
+            row["score"], vmin, vmax, title=row["path"], mask_name="predicted mask",
+        )  # fmt: skip
+        name = os.path.splitext(row["path"])[0].replace(os.sep, "_") + ".png"
+        reports.save_png(os.path.join(output, "heatmaps", name), panel)
+        entries.append(
+            {"image": f"heatmaps/{name}", "name": row["path"], "score": row["score"],
+             "label": None, "decision": row["decision"]}
+        )  # fmt: skip
+    reports.write_gallery(
+        output, entries, "Predictions", subtitle=f"threshold: {chosen['rule']}"
+    )
+
+
+def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
+    """Predict mode: every configured category's model scores the input folder."""
+    if not config.predict.input:
+        raise folder.DatasetError("set --config.predict.input to a folder of images")
+    outputs = []
+    for category in sources.category_names(config):
+        outputs.append(predict_category(config, workdir, category))
+        if jax.process_index() == 0:
+            print(f"{category}: {outputs[-1]}/predictions.csv")
+    return outputs
