@@ -419,6 +419,9 @@ def run_training(
             if step % config.train.log_every == 0 or step == total:
                 scalars = host_scalars(step_metrics)
                 scalars["images_per_second"] = throughput.report()
+                # Constant in the paper's recipe; logged so runs can be compared.
+                scalars["lr_decoder"] = config.optimizer.lr_decoder
+                scalars["lr_encoder"] = config.optimizer.lr_encoder
                 bar.set_postfix(
                     loss=f"{scalars['loss']:.4f}",
                     img_s=f"{scalars['images_per_second']:.1f}",
