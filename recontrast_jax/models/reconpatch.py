@@ -1,0 +1,161 @@
+"""PatchCore's locally aware patch features, as used by ReConPatch (spec §1.3).
+
+Pure JAX functions on NHWC float32 arrays that reproduce the PatchCore reference
+code (`PatchMaker`, `Preprocessing`/`MeanMapper`, `Aggregator`): a 3x3 zero-padded
+neighbourhood is unfolded per layer, the deeper layer's *unfolded* tensor is
+resized bilinearly to the shallower layer's grid, each neighbourhood vector is
+adaptive-average-pooled to a common length, and the two layers are pooled
+together into one vector per patch.
+
+The resizing and pooling operators are fixed linear maps whose coefficients
+depend only on static shapes, so they are built in numpy at trace time and
+applied with full-precision matmuls: exact, jit-friendly and fast.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def unfold_3x3(x: jax.Array) -> jax.Array:
+    """3x3 neighbourhoods with zero padding 1 and stride 1, like `torch.nn.Unfold(3, padding=1)`.
+
+    Args:
+        x: features `[B, h, w, C]`.
+
+    Returns:
+        `[B, h, w, C * 9]`; each vector is flattened channel-major, then (ky, kx),
+        which is the order torch's Unfold uses for its `C * 9` axis.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"unfold_3x3 expects [B, h, w, C], got shape {x.shape}")
+    batch, height, width, channels = x.shape
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Plain shifted slices rather than a patch convolution: exact on every backend.
+    shifts = [
+        padded[:, ky : ky + height, kx : kx + width, :]
+        for ky in range(3)
+        for kx in range(3)
+    ]
+    stacked = jnp.stack(shifts, axis=-1)  # [B, h, w, C, 9]: C-major, then (ky, kx)
+    return stacked.reshape(batch, height, width, channels * 9)
+
+
+@functools.lru_cache(maxsize=64)
+def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The `[out, in]` 1-D linear interpolation matrix of `F.interpolate(align_corners=False)`.
+
+    PyTorch maps output index d to source coordinate (d + 0.5) * in / out - 0.5,
+    clamps negative coordinates to 0 and never antialiases.
+    """
+    scale = in_size / out_size
+    matrix = np.zeros((out_size, in_size), dtype=np.float64)
+    for dst in range(out_size):
+        src = max((dst + 0.5) * scale - 0.5, 0.0)
+        lo = min(int(np.floor(src)), in_size - 1)
+        hi = min(lo + 1, in_size - 1)
+        frac = src - lo
+        matrix[dst, lo] += 1.0 - frac
+        matrix[dst, hi] += frac
+    return matrix.astype(np.float32)
+
+
+def upsample_unfolded(u: jax.Array, size: tuple[int, int]) -> jax.Array:
+    """Bilinear resize (PyTorch `align_corners=False`, no antialias) of every channel.
+
+    Args:
+        u: unfolded features `[B, h3, w3, C * 9]` (any channel count works).
+        size: target spatial size `(h2, w2)`.
+
+    Returns:
+        `[B, h2, w2, C * 9]`, each channel resized independently, exactly as
+        PatchCore resizes the `[B * C * 9, h3, w3]` view of the unfolded tensor.
+    """
+    if u.ndim != 4:
+        raise ValueError(f"upsample_unfolded expects [B, h, w, C], got shape {u.shape}")
+    out_h, out_w = (int(s) for s in size)
+    rows = jnp.asarray(_bilinear_matrix(u.shape[1], out_h))
+    cols = jnp.asarray(_bilinear_matrix(u.shape[2], out_w))
+    resized = jnp.einsum("Hh,bhwc->bHwc", rows, u, precision=_HIGHEST)
+    return jnp.einsum("Ww,bhwc->bhWc", cols, resized, precision=_HIGHEST)
+
+
+@functools.lru_cache(maxsize=64)
+def adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
+    """The `[length, out]` averaging matrix of PyTorch's `adaptive_avg_pool1d`.
+
+    Bin i averages the half-open range [floor(i * L / O), ceil((i + 1) * L / O));
+    neighbouring bins may overlap when O does not divide L.
+
+    Args:
+        length: input length L.
+        out: output length O.
+
+    Returns:
+        float32 matrix M with `v @ M` equal to the pooled vector.
+    """
+    if length < 1 or out < 1:
+        raise ValueError(f"adaptive pool needs positive sizes, got L={length}, O={out}")
+    matrix = np.zeros((length, out), dtype=np.float64)
+    for i in range(out):
+        start = (i * length) // out
+        end = -((-(i + 1) * length) // out)  # integer ceil, no float rounding
+        matrix[start:end, i] = 1.0 / (end - start)
+    return matrix.astype(np.float32)
+
+
+def adaptive_avg_pool_1d(v: jax.Array, out: int) -> jax.Array:
+    """PyTorch's `adaptive_avg_pool1d` over the last axis.
+
+    Args:
+        v: array `[..., L]`.
+        out: output length O.
+
+    Returns:
+        `[..., O]` bin means.
+    """
+    matrix = jnp.asarray(adaptive_pool_matrix(int(v.shape[-1]), int(out)))
+    return jnp.matmul(v, matrix, precision=_HIGHEST)
+
+
+def patch_features(
+    layer2: jax.Array,
+    layer3: jax.Array,
+    pretrain_dim: int = 1024,
+    target_dim: int = 1024,
+) -> jax.Array:
+    """PatchCore's aggregated locally aware patch features (spec §1.3).
+
+    Args:
+        layer2: shallower features `[B, h2, w2, C2]`.
+        layer3: deeper features `[B, h3, w3, C3]`.
+        pretrain_dim: per-layer length after `MeanMapper` (PatchCore's
+            `pretrain_embed_dimension`).
+        target_dim: final length after the `Aggregator`
+            (`target_embed_dimension`).
+
+    Returns:
+        `[B, h2 * w2, target_dim]`, patches row-major over (h2, w2).
+    """
+    if layer2.ndim != 4 or layer3.ndim != 4 or layer2.shape[0] != layer3.shape[0]:
+        raise ValueError(
+            "patch_features expects layer2 [B, h2, w2, C2] and layer3 "
+            f"[B, h3, w3, C3] with the same B, got {layer2.shape} and {layer3.shape}"
+        )
+    batch, height, width, _ = layer2.shape
+    # Unfold before upsampling: the neighbourhood is taken at layer3 resolution.
+    unfolded2 = unfold_3x3(layer2)
+    unfolded3 = upsample_unfolded(unfold_3x3(layer3), (height, width))
+    per_layer = [
+        adaptive_avg_pool_1d(u.reshape(batch, height * width, -1), pretrain_dim)
+        for u in (unfolded2, unfolded3)
+    ]
+    # Stacking [N, 2, D] then flattening equals concatenating along the last axis.
+    stacked = jnp.concatenate(per_layer, axis=-1)
+    return adaptive_avg_pool_1d(stacked, target_dim)
