@@ -17,7 +17,7 @@ VISA_ENCODER_BN_EVAL = ("cashew", "pcb1")
 def get_config() -> ml_collections.ConfigDict:
     """The paper's MVTec AD protocol (spec section 3.1) on a user folder."""
     config = ml_collections.ConfigDict()
-    config.method = "recontrast"
+    config.method = "recontrast"  # or 'patchcore' (memory bank, no training)
     # train: train (resuming) and evaluate; evaluate: evaluate a checkpoint;
     # predict: score the images of predict.input; export: write an inference artifact.
     config.mode = "train"
@@ -72,6 +72,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.score_rule = "max"  # image score: 'max' or 'mean' of the map
     config.eval.max_ratio = 0.0  # >0: mean of the top ratio*H*W pixels
     config.eval.pixel_metrics = True  # pixel AUROC/AUPRO need ground-truth masks
+
+    # PatchCore (config.method = 'patchcore'); spec reconpatch.md section 1.
+    config.patchcore = ml_collections.ConfigDict()
+    config.patchcore.pretrain_dim = 1024  # per-layer MeanMapper dimension
+    config.patchcore.target_dim = 1024  # Aggregator output (patch feature) dimension
+    config.patchcore.coreset_ratio = 0.01  # approximate greedy coreset fraction
+    config.patchcore.reweight_neighbors = 1  # >1: Eq. 10 reweighting with b neighbours
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 250  # steps between checkpoints (and one at the end)

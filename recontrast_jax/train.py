@@ -540,6 +540,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     results = {}
     for category in sources.category_names(config):
-        results[category] = train_category(config, workdir, category, mesh)
+        if config.method == "patchcore":
+            from recontrast_jax import patchcore
+
+            results[category] = patchcore.run_category(config, workdir, category)
+        else:
+            results[category] = train_category(config, workdir, category, mesh)
         write_results(workdir, results, config.report.title)
     return summarize(results)
