@@ -81,17 +81,33 @@ def evaluate_split(
     predict_fn, state, samples, config: ml_collections.ConfigDict, mesh
 ) -> SplitResult:
     """Runs `predict_fn` over every test sample exactly once."""
+
+    def score_batch(images):
+        return predict_fn(
+            state, parallel.global_batch(mesh, {"image": images})["image"]
+        )
+
+    return score_split(score_batch, samples, config, jax.local_device_count())
+
+
+def score_split(
+    score_batch, samples, config: ml_collections.ConfigDict, batch_multiple: int = 1
+) -> SplitResult:
+    """Every sample once, in order: `score_batch(images) -> (maps, scores)` per batch.
+
+    Padding rows of the last batch are dropped; masks, labels and the
+    de-normalised images are kept beside the maps and scores.
+    """
     dataset = input_pipeline.eval_dataset(
         samples,
         batch_size=config.eval.batch_size,
         image_size=config.data.image_size,
         crop_size=config.data.crop_size,
-        batch_multiple=jax.local_device_count(),
+        batch_multiple=batch_multiple,
     )
     parts = {k: [] for k in ("maps", "scores", "masks", "labels", "images")}
     for batch in input_pipeline.iterate_numpy(dataset):
-        images = parallel.global_batch(mesh, {"image": batch["image"]})["image"]
-        maps, scores = predict_fn(state, images)
+        maps, scores = score_batch(batch["image"])
         valid = batch["valid"]
         parts["maps"].append(np.asarray(jax.device_get(maps))[valid])
         parts["scores"].append(np.asarray(jax.device_get(scores))[valid])

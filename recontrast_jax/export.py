@@ -311,17 +311,13 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
     The chosen thresholds (when calibrated) go into the metadata, so a serving
     system can decide exactly as `predict` does.
     """
-    from recontrast_jax import checkpointing, parallel, thresholds, train
+    from recontrast_jax import parallel, thresholds, train
     from recontrast_jax.data import sources
 
     directories = []
     for category in sources.category_names(config):
         mesh = parallel.make_mesh()
-        tx = train.make_optimizer(config.optimizer)
-        ckpt = checkpointing.manager(
-            train.category_dirs(workdir, category)["checkpoints"]
-        )
-        state = train.initial_state(config, tx, ckpt, mesh)
+        state = train.restore_for_inference(config, workdir, category, mesh)
         extra = {"category": category, "step": int(jax.device_get(state.step))}
         try:
             extra["thresholds"] = thresholds.choose(

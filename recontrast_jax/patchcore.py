@@ -30,20 +30,10 @@ def patch_features(variables, images, *, arch: str, pretrain_dim: int, target_di
     return reconpatch.patch_features(layer2, layer3, pretrain_dim, target_dim)
 
 
-def _batches(samples, config: ml_collections.ConfigDict):
-    dataset = input_pipeline.eval_dataset(
-        samples,
-        batch_size=config.eval.batch_size,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
-    )
-    yield from input_pipeline.iterate_numpy(dataset)
-
-
-def _features(variables, batch, config):
+def _features(variables, images, config):
     return patch_features(
         variables,
-        jnp.asarray(batch["image"]),
+        jnp.asarray(images),
         arch=config.model.arch,
         pretrain_dim=config.patchcore.pretrain_dim,
         target_dim=config.patchcore.target_dim,
@@ -52,13 +42,19 @@ def _features(variables, batch, config):
 
 def build_memory_bank(variables, train_samples, config, key) -> jax.Array:
     """The coreset of all training patch features: [M, target_dim]."""
-    parts = [
-        np.asarray(_features(variables, b, config))[b["valid"]]
-        for b in _batches(train_samples, config)
-    ]
-    features = jnp.asarray(
-        np.concatenate(parts).reshape(-1, config.patchcore.target_dim)
+    dataset = input_pipeline.eval_dataset(
+        train_samples,
+        batch_size=config.eval.batch_size,
+        image_size=config.data.image_size,
+        crop_size=config.data.crop_size,
     )
+    features = np.concatenate(
+        [
+            np.asarray(_features(variables, batch["image"], config))[batch["valid"]]
+            for batch in input_pipeline.iterate_numpy(dataset)
+        ]
+    )
+    features = jnp.asarray(features.reshape(-1, config.patchcore.target_dim))
     indices = memory_bank.approximate_greedy_coreset(
         features, config.patchcore.coreset_ratio, key
     )
@@ -67,10 +63,10 @@ def build_memory_bank(variables, train_samples, config, key) -> jax.Array:
 
 def score_split(variables, bank, samples, config) -> evaluate.SplitResult:
     """Maps, image scores, masks and labels of `samples` against `bank`."""
-    parts = {k: [] for k in ("maps", "scores", "masks", "labels", "images")}
     crop = config.data.crop_size
-    for batch in _batches(samples, config):
-        feats = _features(variables, batch, config)
+
+    def score_batch(images):
+        feats = _features(variables, images, config)
         b, n, d = feats.shape
         side = int(round(n**0.5))
         dist, idx = memory_bank.nearest_neighbors(feats.reshape(-1, d), bank, k=1)
@@ -87,14 +83,9 @@ def score_split(variables, bank, samples, config) -> evaluate.SplitResult:
             scores = patch_scores.max(axis=1)
         grid = patch_scores.reshape(b, side, side, 1)
         maps = reconpatch.upsample_unfolded(grid, (crop, crop))[..., 0]
-        maps = anomaly_maps.gaussian_blur(maps, config.eval.sigma)
-        valid = batch["valid"]
-        parts["maps"].append(np.asarray(maps)[valid])
-        parts["scores"].append(np.asarray(scores)[valid])
-        parts["masks"].append(batch["mask"][valid])
-        parts["labels"].append(batch["label"][valid])
-        parts["images"].append(evaluate.denormalize(batch["image"][valid]))
-    return evaluate.SplitResult(**{k: np.concatenate(v) for k, v in parts.items()})
+        return anomaly_maps.gaussian_blur(maps, config.eval.sigma), scores
+
+    return evaluate.score_split(score_batch, samples, config)
 
 
 def encoder_variables(config: ml_collections.ConfigDict, key) -> dict:
@@ -138,23 +129,10 @@ def run_category(
     metrics = evaluate.compute_metrics(result, config.eval.pixel_metrics)
     normal = score_split(variables, bank, held_out or train_samples, config)
     source = "held-out" if held_out else "training (in-sample)"
-    masks = result.masks if config.eval.pixel_metrics else None
-    calibration = {
-        "normal": thresholds.summarize_normal_scores(
-            normal.scores, normal.maps, source
-        ),
-        "f1_optimal_on_test": thresholds.f1_optimal_on_test(
-            result.labels, result.scores, masks, result.maps
-        ),
-    }
-    thresholds.save(workdir, category, calibration)
-    directory = train.category_dirs(workdir, category)["heatmaps"]
-    names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
-    entries = evaluate.write_heatmaps(
-        result, directory, config.report.num_heatmaps, names
+    calibration = thresholds.calibration(
+        normal, source, result, config.eval.pixel_metrics
     )
-    chosen = train.choose_threshold(calibration, config)
-    evaluate.write_report(result, directory, entries, chosen, category)
+    train.write_category_reports(config, workdir, category, files, result, calibration)
     return {
         **metrics,
         "memory_bank_size": float(bank.shape[0]),

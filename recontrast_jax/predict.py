@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import checkpointing, evaluate, parallel, reports, thresholds, train
+from recontrast_jax import evaluate, parallel, reports, thresholds, train
 from recontrast_jax.data import folder, sources
 
 
@@ -48,9 +48,7 @@ def predict_category(
     paths = list_images(config.predict.input)
     samples = [folder.Sample(p, None, 0, "unknown") for p in paths]
     mesh = parallel.make_mesh()
-    tx = train.make_optimizer(config.optimizer)
-    directory = train.category_dirs(workdir, category)["checkpoints"]
-    state = train.initial_state(config, tx, checkpointing.manager(directory), mesh)
+    state = train.restore_for_inference(config, workdir, category, mesh)
     result = evaluate.evaluate_split(
         evaluate.compile_predict(config, mesh), state, samples, config, mesh
     )

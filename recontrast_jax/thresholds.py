@@ -1,7 +1,7 @@
 """Decision thresholds from normal data, and scores normalised around them.
 
 At the end of training a held-out slice of the normal training images is scored
-(`calibrate`); its image scores and a summary of its pixel scores are stored per
+(`calibration`); its image scores and a summary of its pixel scores are stored per
 category. `choose` turns them into image- and pixel-level thresholds by the
 configured rule:
 
@@ -76,6 +76,26 @@ def f1_optimal_on_test(labels, image_scores, masks=None, maps=None) -> dict:
     if masks is not None and np.any(masks) and not np.all(masks):
         out["pixel"] = metrics.f1_max(np.ravel(masks), np.ravel(maps))[1]
     return out
+
+
+def calibration(normal_result, source: str, test_result, pixel_metrics: bool) -> dict:
+    """What is stored per category: normal scores and the test F1-optimal thresholds.
+
+    Args:
+      normal_result: the scored normal images (an `evaluate.SplitResult`).
+      source: where they come from, e.g. 'held-out' (shown with the threshold).
+      test_result: the scored test set.
+      pixel_metrics: whether the test set has pixel masks.
+    """
+    masks = test_result.masks if pixel_metrics else None
+    return {
+        "normal": summarize_normal_scores(
+            normal_result.scores, normal_result.maps, source
+        ),
+        "f1_optimal_on_test": f1_optimal_on_test(
+            test_result.labels, test_result.scores, masks, test_result.maps
+        ),
+    }
 
 
 def calibration_path(workdir: str, category: str) -> str:

@@ -297,18 +297,18 @@ def train_category(
     if last is None:  # evaluate mode, or resumed after the end
         last = evaluator(state)
     result, metrics = last
-    calibration = calibrate(
-        predict_fn, state, result, train_samples, held_out, config, mesh
+    normal, source = (
+        (held_out, "held-out") if held_out else (train_samples, "training (in-sample)")
     )
-    if jax.process_index() == 0:
-        thresholds.save(workdir, category, calibration)
-        names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
-        entries = evaluate.write_heatmaps(
-            result, dirs["heatmaps"], config.report.num_heatmaps, names
-        )
-        chosen = choose_threshold(calibration, config)
-        evaluate.write_report(result, dirs["heatmaps"], entries, chosen, category)
-        writer.heatmaps(int(jax.device_get(state.step)), dirs["heatmaps"], entries)
+    scored = evaluate.evaluate_split(predict_fn, state, normal, config, mesh)
+    calibration = thresholds.calibration(
+        scored, source, result, config.eval.pixel_metrics
+    )
+    calibration["step"] = int(jax.device_get(state.step))
+    entries = write_category_reports(
+        config, workdir, category, files, result, calibration
+    )
+    writer.heatmaps(int(jax.device_get(state.step)), dirs["heatmaps"], entries)
     writer.close()
     return {
         **metrics,
@@ -328,27 +328,32 @@ def choose_threshold(calibration: dict, config: ml_collections.ConfigDict) -> di
         return thresholds.choose(calibration, fixed)
 
 
-def calibrate(
-    predict_fn, state, test_result, train_samples, held_out, config, mesh
-) -> dict:
-    """Scores normal images for thresholds: the held-out slice, else the training set.
+def write_category_reports(
+    config, workdir, category, files, result, calibration
+) -> list:
+    """Calibration file, heatmap panels, histogram and gallery (process 0 only).
 
-    Also records the F1-optimal thresholds on the labelled test set (named so).
+    Returns:
+      The gallery entries of the panels written.
     """
-    normal, source = (
-        (held_out, "held-out") if held_out else (train_samples, "training (in-sample)")
+    if jax.process_index() != 0:
+        return []
+    thresholds.save(workdir, category, calibration)
+    directory = category_dirs(workdir, category)["heatmaps"]
+    names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
+    entries = evaluate.write_heatmaps(
+        result, directory, config.report.num_heatmaps, names
     )
-    scored = evaluate.evaluate_split(predict_fn, state, normal, config, mesh)
-    masks = test_result.masks if config.eval.pixel_metrics else None
-    return {
-        "normal": thresholds.summarize_normal_scores(
-            scored.scores, scored.maps, source
-        ),
-        "f1_optimal_on_test": thresholds.f1_optimal_on_test(
-            test_result.labels, test_result.scores, masks, test_result.maps
-        ),
-        "step": int(jax.device_get(state.step)),
-    }
+    chosen = choose_threshold(calibration, config)
+    evaluate.write_report(result, directory, entries, chosen, category)
+    return entries
+
+
+def restore_for_inference(config, workdir: str, category: str, mesh) -> TrainState:
+    """The category's checkpoint (config.checkpoint.step, default the latest)."""
+    directory = category_dirs(workdir, category)["checkpoints"]
+    tx = make_optimizer(config.optimizer)
+    return initial_state(config, tx, checkpointing.manager(directory), mesh)
 
 
 def initial_state(config: ml_collections.ConfigDict, tx, ckpt, mesh) -> TrainState:

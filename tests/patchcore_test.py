@@ -36,7 +36,7 @@ def test_scores_equal_brute_force_nearest_neighbours(tiny_dataset):
             samples, batch_size=4, image_size=32, crop_size=32
         )
         out = [
-            np.asarray(patchcore._features(variables, b, config))[b["valid"]]
+            np.asarray(patchcore._features(variables, b["image"], config))[b["valid"]]
             for b in input_pipeline.iterate_numpy(ds)
         ]
         return np.concatenate(out)
