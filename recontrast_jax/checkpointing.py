@@ -13,7 +13,13 @@ def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    # The handler is named up front so that item metadata (used to restore
+    # without a template) can be read by a manager that has not saved yet.
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=options,
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -50,4 +56,25 @@ def restore_latest(mngr: ocp.CheckpointManager, target):
     if step is None:
         return None
     abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+
+
+def restore_as_saved(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
+    """Restores `step` (None or -1: the latest) as the nested dict that was saved.
+
+    Shapes come from the checkpoint's own metadata, so no template is needed
+    (used where shapes depend on the training data, e.g. a memory bank).
+    """
+    if step in (None, -1):
+        step = mngr.latest_step()
+        if step is None:
+            raise NoCheckpointError(f"No checkpoint in {mngr.directory}.")
+    elif step not in mngr.all_steps():
+        raise NoCheckpointError(
+            f"No checkpoint for step {step} in {mngr.directory}; have {list(mngr.all_steps())}."
+        )
+    tree = mngr.item_metadata(step).tree
+    abstract = jax.tree_util.tree_map(
+        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree
+    )
     return mngr.restore(step, args=ocp.args.StandardRestore(abstract))

@@ -17,7 +17,9 @@ VISA_ENCODER_BN_EVAL = ("cashew", "pcb1")
 def get_config() -> ml_collections.ConfigDict:
     """The paper's MVTec AD protocol (spec section 3.1) on a user folder."""
     config = ml_collections.ConfigDict()
-    config.method = "recontrast"  # or 'patchcore' (memory bank, no training)
+    # 'recontrast'; 'patchcore' (memory bank, no training); 'reconpatch' (memory
+    # bank of patch features modulated by a contrastively trained linear layer).
+    config.method = "recontrast"
     # train: train (resuming) and evaluate; evaluate: evaluate a checkpoint;
     # predict: score the images of predict.input; export: write an inference artifact.
     config.mode = "train"
@@ -79,6 +81,33 @@ def get_config() -> ml_collections.ConfigDict:
     config.patchcore.target_dim = 1024  # Aggregator output (patch feature) dimension
     config.patchcore.coreset_ratio = 0.01  # approximate greedy coreset fraction
     config.patchcore.reweight_neighbors = 1  # >1: Eq. 10 reweighting with b neighbours
+    config.patchcore.reweight_per_patch = False  # reweight every patch, not the max
+    # Ensemble: several backbones (e.g. ('wide_resnet101_2', 'resnext101_32x8d',
+    # 'densenet201')); () = the single config.model.arch. Each model's scores
+    # and maps are modified-z-scored with the median and MAD of its own scores
+    # on the training images, then averaged (spec reconpatch.md section 2.6).
+    config.patchcore.ensemble = ()
+    config.patchcore.knn_memory_mb = 256  # budget of one kNN distance block
+
+    # ReConPatch (config.method = 'reconpatch'); spec reconpatch.md section 2.
+    # Fields marked "assumed" are not stated in the paper; the default is the
+    # spec's recommendation.
+    config.reconpatch = ml_collections.ConfigDict()
+    config.reconpatch.feature_dim = 512  # f output (512 WRN-50; 384 per ensemble model)
+    config.reconpatch.projection_dim = 128  # g output (assumed)
+    config.reconpatch.epochs = 120  # per category (60 for the ensemble)
+    config.reconpatch.batch_size = 1024  # patches per step, global (assumed)
+    config.reconpatch.lr = 1e-5  # AdamP, cosine-annealed per epoch (1e-6 ensemble)
+    config.reconpatch.weight_decay = 1e-2
+    config.reconpatch.eps = 1e-8  # AdamP epsilon (AdamP default)
+    config.reconpatch.ema = 0.999  # gamma of the EMA target f, g (assumed)
+    config.reconpatch.alpha = 0.5  # pairwise vs contextual label weight (assumed)
+    config.reconpatch.sigma = 1.0  # pairwise Gaussian bandwidth (assumed)
+    # L2-normalise the EMA projections for the pairwise term (assumed; raw
+    # 128-d projections give exp(-d^2) ~ 0 for almost every pair).
+    config.reconpatch.normalize_pairwise = True
+    config.reconpatch.k = 5  # contextual neighbourhood size, self included (assumed)
+    config.reconpatch.margin = 1.0  # relaxed contrastive margin (assumed)
 
     config.checkpoint = ml_collections.ConfigDict()
     config.checkpoint.every = 250  # steps between checkpoints (and one at the end)

@@ -19,6 +19,7 @@ Layout of an export directory::
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -117,13 +118,7 @@ def inference_fn(
     """
     image_size, crop_size = config.data.image_size, config.data.crop_size
     top = input_pipeline.center_crop_offsets(image_size, crop_size)
-    variables = _host_variables(state)
-    settings = dict(
-        arch=config.model.arch,
-        sigma=float(config.eval.sigma),
-        score_rule=config.eval.score_rule,
-        max_ratio=float(config.eval.max_ratio),
-    )
+    model_fn = _model_fn(state, config)
 
     def fn(images_uint8):
         if images_uint8.dtype != jnp.uint8 or tuple(images_uint8.shape[1:]) != (
@@ -136,9 +131,31 @@ def inference_fn(
                 f"{images_uint8.dtype} {images_uint8.shape}"
             )
         crops = images_uint8[:, top : top + crop_size, top : top + crop_size, :]
-        return evaluate.predict(variables, _normalize(crops), **settings)
+        return model_fn(_normalize(crops))
 
     return fn
+
+
+def _model_fn(state, config: ml_collections.ConfigDict):
+    """`normalised images -> (maps, scores)` with the host variables closed over."""
+    if config.method in ("patchcore", "reconpatch"):
+        from recontrast_jax import patchcore
+
+        models = jax.device_get(state)  # the fitted memory-bank models
+        settings = tuple(
+            patchcore.feature_settings(config, a)
+            for a in patchcore.ensemble_archs(config)
+        )
+        return functools.partial(
+            patchcore.predict, models, settings=settings,
+            crop=int(config.data.crop_size), sigma=float(config.eval.sigma),
+        )  # fmt: skip
+    variables = _host_variables(state)
+    return functools.partial(
+        evaluate.predict, variables, arch=config.model.arch,
+        sigma=float(config.eval.sigma), score_rule=config.eval.score_rule,
+        max_ratio=float(config.eval.max_ratio),
+    )  # fmt: skip
 
 
 def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
@@ -152,7 +169,9 @@ def _metadata(config: ml_collections.ConfigDict, extra: Mapping[str, Any] | None
         "format_version": FORMAT_VERSION,
         "image_size": int(config.data.image_size),
         "crop_size": int(config.data.crop_size),
+        "method": str(config.method),
         "arch": str(config.model.arch),
+        "ensemble": list(config.patchcore.ensemble),
         "score_rule": str(config.eval.score_rule),
         "sigma": float(config.eval.sigma),
         "max_ratio": float(config.eval.max_ratio),
@@ -305,20 +324,31 @@ def _read_metadata(path: str) -> dict:
     return metadata
 
 
+def _restore(config, workdir: str, category: str):
+    """The category's model (any method) and its training step."""
+    from recontrast_jax import parallel, train
+
+    if config.method in ("patchcore", "reconpatch"):
+        from recontrast_jax import patchcore
+
+        return patchcore.restore_models(config, workdir, category), None
+    state = train.restore_for_inference(config, workdir, category, parallel.make_mesh())
+    return state, int(jax.device_get(state.step))
+
+
 def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Export mode: writes one artifact per category from its checkpoint.
 
     The chosen thresholds (when calibrated) go into the metadata, so a serving
     system can decide exactly as `predict` does.
     """
-    from recontrast_jax import parallel, thresholds, train
+    from recontrast_jax import thresholds
     from recontrast_jax.data import sources
 
     directories = []
     for category in sources.category_names(config):
-        mesh = parallel.make_mesh()
-        state = train.restore_for_inference(config, workdir, category, mesh)
-        extra = {"category": category, "step": int(jax.device_get(state.step))}
+        state, step = _restore(config, workdir, category)
+        extra = {"category": category, "step": step}
         try:
             extra["thresholds"] = thresholds.choose(
                 thresholds.load(workdir, category), config.threshold

@@ -1,140 +1,372 @@
-"""PatchCore (the ReConPatch baseline): memory bank of patch features, kNN scores.
+"""Memory-bank methods: PatchCore (the baseline) and ReConPatch.
 
-No training: the (pretrained) encoder's layer2/layer3 maps become locally aware
-patch features (`models/reconpatch.py`), an approximate greedy coreset of the
-training patches is the memory bank, and a test patch's score is its Euclidean
-distance to the nearest bank entry. Image score = max patch score (optionally
-reweighted, Eq. 10); the map is the patch-score grid upsampled bilinearly
-(align_corners=False) to the crop size and blurred with a Gaussian of sigma 4.
+Both turn the frozen encoder's layer2/layer3 maps into locally aware patch
+features (`models/reconpatch.py`, spec reconpatch.md section 1.3). PatchCore
+keeps an approximate greedy coreset of the training patches as its memory bank;
+ReConPatch first trains a linear modulation f of the features
+(`reconpatch_train.py`) and keeps a coreset of f(p). A test patch's score is
+its Euclidean distance to the nearest bank entry; the image score is the max
+patch score (optionally reweighted, Eq. 10); the map is the patch-score grid
+upsampled bilinearly (align_corners=False) to the crop size and blurred with a
+Gaussian of sigma 4.
+
+A fitted model is a dict of arrays, checkpointed with Orbax like ReContrast's
+states: `{'encoder': variables, 'head': {'f','g'} or {}, 'bank': [M, d],
+'normalization': [4]}`. With an ensemble (`patchcore.ensemble`), each backbone
+is one such model; `normalization` holds the median and MAD of its image scores
+and map pixels on the training images, used for the modified z-score
+`(s - median) / (1.4826 * MAD)` before the models are averaged.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import io
+import os
+import time
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import logging
 
-from recontrast_jax import anomaly_maps, evaluate, memory_bank
-from recontrast_jax.data import input_pipeline
-from recontrast_jax.models import reconpatch, resnet
+from recontrast_jax import (
+    anomaly_maps,
+    checkpointing,
+    evaluate,
+    memory_bank,
+    parallel,
+    reconpatch_train,
+)
+from recontrast_jax.data import input_pipeline, sources
+from recontrast_jax.models import backbones, reconpatch
+
+METHODS = ("patchcore", "reconpatch")
+MAD_SCALE = 1.4826  # makes the MAD a consistent estimate of a normal's std
+IDENTITY_NORMALIZATION = (0.0, 1.0, 0.0, 1.0)  # image median, MAD; pixel median, MAD
 
 
-@functools.partial(jax.jit, static_argnames=("arch", "pretrain_dim", "target_dim"))
-def patch_features(variables, images, *, arch: str, pretrain_dim: int, target_dim: int):
-    """[B, h2*w2, target_dim] patch features and nothing else (frozen encoder)."""
-    _, layer2, layer3 = resnet.ResNetEncoder(arch).apply(variables, images, train=False)
-    return reconpatch.patch_features(layer2, layer3, pretrain_dim, target_dim)
+@dataclasses.dataclass(frozen=True)
+class FeatureSettings:
+    """Static settings of one model's feature extractor and scorer (hashable)."""
+
+    arch: str
+    pretrain_dim: int
+    target_dim: int
+    reweight_neighbors: int = 1
+    reweight_per_patch: bool = False
+    knn_memory_mb: int = 256
 
 
-def _features(variables, images, config):
-    return patch_features(
-        variables,
-        jnp.asarray(images),
-        arch=config.model.arch,
-        pretrain_dim=config.patchcore.pretrain_dim,
-        target_dim=config.patchcore.target_dim,
+def feature_settings(config: ml_collections.ConfigDict, arch: str) -> FeatureSettings:
+    pc = config.patchcore
+    return FeatureSettings(
+        arch=arch,
+        pretrain_dim=int(pc.pretrain_dim),
+        target_dim=int(pc.target_dim),
+        reweight_neighbors=int(pc.reweight_neighbors),
+        reweight_per_patch=bool(pc.reweight_per_patch),
+        knn_memory_mb=int(pc.knn_memory_mb),
     )
 
 
-def build_memory_bank(variables, train_samples, config, key) -> jax.Array:
-    """The coreset of all training patch features: [M, target_dim]."""
-    dataset = input_pipeline.eval_dataset(
-        train_samples,
-        batch_size=config.eval.batch_size,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
+def ensemble_archs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+    """The backbones of the run: the ensemble, or the single `model.arch`."""
+    return tuple(config.patchcore.ensemble) or (config.model.arch,)
+
+
+# ----------------------------------------------------------------------------
+# Pure functions (jitted)
+
+
+def frozen_patch_features(encoder, images, settings: FeatureSettings) -> jax.Array:
+    """`[B, h2*w2, target_dim]` PatchCore features of normalised images."""
+    maps = backbones.make_encoder(settings.arch).apply(encoder, images, train=False)
+    return reconpatch.patch_features(
+        maps[1], maps[2], settings.pretrain_dim, settings.target_dim
     )
-    features = np.concatenate(
-        [
-            np.asarray(_features(variables, batch["image"], config))[batch["valid"]]
-            for batch in input_pipeline.iterate_numpy(dataset)
-        ]
+
+
+def embed(model: dict, images, settings: FeatureSettings) -> jax.Array:
+    """Bank-space features: f(p) for ReConPatch, p itself for PatchCore."""
+    features = frozen_patch_features(model["encoder"], images, settings)
+    if model.get("head"):
+        features = reconpatch.represent(model["head"], features)
+    return features
+
+
+def score_features(model, features, settings: FeatureSettings, crop: int, sigma):
+    """Maps `[B, crop, crop]` and image scores `[B]` of bank-space features.
+
+    Images are searched one at a time (`lax.map`), so the kNN blocks have static
+    shapes even when the batch size is symbolic (exported models).
+    """
+    bank = model["bank"]
+    budget = settings.knn_memory_mb * 1024 * 1024
+
+    def score_image(image_features):
+        dist, idx = memory_bank.nearest_neighbors(
+            image_features, bank, k=1, memory_budget_bytes=budget
+        )
+        score = memory_bank.reweighted_image_score(
+            dist[:, 0], idx[:, 0], bank, image_features,
+            b=settings.reweight_neighbors, per_patch=settings.reweight_per_patch,
+            memory_budget_bytes=budget,
+        )  # fmt: skip
+        return dist[:, 0], score
+
+    patch_scores, scores = jax.lax.map(score_image, features)
+    batch, patches = patch_scores.shape
+    side = int(round(patches**0.5))
+    grid = patch_scores.reshape(batch, side, side, 1)
+    maps = reconpatch.upsample_unfolded(grid, (crop, crop))[..., 0]
+    return anomaly_maps.gaussian_blur(maps, sigma), scores
+
+
+def zscore(values, median, mad):
+    """Modified z-score `(v - median) / (1.4826 * MAD)`."""
+    return (values - median) / (MAD_SCALE * jnp.maximum(mad, 1e-12))
+
+
+def predict(
+    models: list[dict],
+    images: jax.Array,
+    *,
+    settings: tuple[FeatureSettings, ...],
+    crop: int,
+    sigma: float,
+) -> tuple[jax.Array, jax.Array]:
+    """Maps and image scores of normalised images; ensembles are z-scored and averaged."""
+    outputs = [
+        score_features(m, embed(m, images, s), s, crop, sigma)
+        for m, s in zip(models, settings, strict=True)
+    ]
+    if len(outputs) == 1:
+        return outputs[0]
+    maps = [zscore(mp, m["normalization"][2], m["normalization"][3])
+            for (mp, _), m in zip(outputs, models, strict=True)]  # fmt: skip
+    scores = [zscore(sc, m["normalization"][0], m["normalization"][1])
+              for (_, sc), m in zip(outputs, models, strict=True)]  # fmt: skip
+    return jnp.mean(jnp.stack(maps), axis=0), jnp.mean(jnp.stack(scores), axis=0)
+
+
+def compile_predict(config: ml_collections.ConfigDict, mesh, archs=None):
+    """`predict` jitted over the mesh: models replicated, images sharded.
+
+    Every device scores its own images against the whole bank (`shard_map`), so
+    the nearest-neighbour search needs no communication.
+    """
+    fn = functools.partial(
+        predict,
+        settings=tuple(feature_settings(config, a) for a in archs or ensemble_archs(config)),
+        crop=int(config.data.crop_size),
+        sigma=float(config.eval.sigma),
+    )  # fmt: skip
+    batch = jax.sharding.PartitionSpec(parallel.DATA_AXIS)
+    per_device = jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=(jax.sharding.PartitionSpec(), batch),
+        out_specs=batch,
+        check_vma=False,  # the kNN scan's carry starts unvarying; results are per device
     )
-    features = jnp.asarray(features.reshape(-1, config.patchcore.target_dim))
-    indices = memory_bank.approximate_greedy_coreset(
-        features, config.patchcore.coreset_ratio, key
-    )
-    return features[indices]
+    return jax.jit(per_device)
 
 
-def score_split(variables, bank, samples, config) -> evaluate.SplitResult:
-    """Maps, image scores, masks and labels of `samples` against `bank`."""
-    crop = config.data.crop_size
-
-    def score_batch(images):
-        feats = _features(variables, images, config)
-        b, n, d = feats.shape
-        side = int(round(n**0.5))
-        dist, idx = memory_bank.nearest_neighbors(feats.reshape(-1, d), bank, k=1)
-        patch_scores = dist[:, 0].reshape(b, n)
-        if config.patchcore.reweight_neighbors > 1:
-            scores = memory_bank.reweighted_image_score(
-                patch_scores,
-                idx[:, 0].reshape(b, n),
-                bank,
-                feats,
-                b=config.patchcore.reweight_neighbors,
-            )
-        else:
-            scores = patch_scores.max(axis=1)
-        grid = patch_scores.reshape(b, side, side, 1)
-        maps = reconpatch.upsample_unfolded(grid, (crop, crop))[..., 0]
-        return anomaly_maps.gaussian_blur(maps, config.eval.sigma), scores
-
-    return evaluate.score_split(score_batch, samples, config)
+_jit_features = jax.jit(frozen_patch_features, static_argnames=("settings",))
+_jit_represent = jax.jit(reconpatch.represent)
 
 
-def encoder_variables(config: ml_collections.ConfigDict, key) -> dict:
+# ----------------------------------------------------------------------------
+# Fitting
+
+
+def encoder_variables(config: ml_collections.ConfigDict, arch: str, key) -> dict:
     """The frozen encoder: pretrained when configured, else randomly initialised."""
     from recontrast_jax import pretrained
 
-    dummy = jnp.zeros((1, config.data.crop_size, config.data.crop_size, 3), jnp.float32)
-    variables = resnet.ResNetEncoder(config.model.arch).init(key, dummy, train=False)
+    crop = config.data.crop_size
+    dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
+    variables = backbones.make_encoder(arch).init(key, dummy, train=False)
     if config.model.pretrained:
         variables = pretrained.load_encoder_variables(
-            config.model.arch, config.model.pretrained, variables
+            arch, config.model.pretrained, variables
         )
     return jax.tree_util.tree_map(jnp.asarray, variables)
 
 
-def run_category(
-    config: ml_collections.ConfigDict, workdir: str, category: str
-) -> dict:
-    """Builds the memory bank of `category`, evaluates, writes bank and reports."""
-    import os
-    import time
+def extract_pool(encoder, samples, config, settings: FeatureSettings) -> np.ndarray:
+    """`[N_images * patches, target_dim]` frozen features of `samples` (host)."""
+    dataset = input_pipeline.eval_dataset(
+        samples,
+        batch_size=config.eval.batch_size,
+        image_size=config.data.image_size,
+        crop_size=config.data.crop_size,
+    )
+    parts = [
+        np.asarray(_jit_features(encoder, jnp.asarray(b["image"]), settings))[b["valid"]]
+        for b in input_pipeline.iterate_numpy(dataset)
+    ]  # fmt: skip
+    return np.concatenate(parts).reshape(-1, settings.target_dim)
 
-    from recontrast_jax import reports, thresholds, train
-    from recontrast_jax.data import sources
 
+def represent_pool(head, pool: np.ndarray, chunk: int = 65536) -> np.ndarray:
+    """f(p) for every row of the pool, in chunks."""
+    return np.concatenate(
+        [np.asarray(_jit_represent(head, jnp.asarray(pool[i : i + chunk])))
+         for i in range(0, len(pool), chunk)]
+    )  # fmt: skip
+
+
+def build_bank(features: np.ndarray, ratio: float, key) -> np.ndarray:
+    """The approximate greedy coreset rows of `features`."""
+    indices = memory_bank.approximate_greedy_coreset(jnp.asarray(features), ratio, key)
+    return features[np.asarray(indices)]
+
+
+def normalization_stats(result: evaluate.SplitResult) -> np.ndarray:
+    """Median and MAD of image scores and of map pixels (for the z-score)."""
+
+    def median_mad(values):
+        median = np.median(values)
+        return [median, np.median(np.abs(values - median))]
+
+    return np.asarray(
+        median_mad(result.scores) + median_mad(result.maps.ravel()), np.float32
+    )
+
+
+def model_dir(workdir: str, category: str, arch: str, ensemble: bool) -> str:
+    """Checkpoints of one model: one directory per backbone in an ensemble."""
+    base = os.path.join(workdir, "checkpoints", category)
+    return os.path.join(base, arch) if ensemble else base
+
+
+def saved_model(ckpt, step=None) -> dict | None:
+    """The fitted model in `ckpt` (None if it holds only training states)."""
+    latest = ckpt.latest_step() if step in (None, -1) else step
+    if latest is None:
+        return None
+    if "model" not in ckpt.item_metadata(latest).tree:
+        return None
+    return checkpointing.restore_as_saved(ckpt, latest)["model"]
+
+
+def fit_model(config, arch, train_samples, ckpt, mesh, ensemble: bool, writer=None):
+    """Fits (or restores) one backbone's model; returns (model, info)."""
+    existing = saved_model(ckpt)
+    if existing is not None:
+        logging.info("%s: using the fitted model in %s", arch, ckpt.directory)
+        return existing, {"restored": 1.0}
     start = time.perf_counter()
+    settings = feature_settings(config, arch)
+    init_key, coreset_key = jax.random.split(jax.random.key(config.seed))
+    encoder = encoder_variables(config, arch, init_key)
+    pool = extract_pool(encoder, train_samples, config, settings)
+    info: dict = {"train_patches": float(len(pool))}
+    head: dict = {}
+    if config.method == "reconpatch":
+        head, scalars = reconpatch_train.train_modulation(
+            config, pool, mesh, ckpt,
+            lambda step, state: checkpointing.save(ckpt, step, {"modulation": state}),
+            writer, desc=f"reconpatch {arch}",
+        )  # fmt: skip
+        info.update({f"train_{k}": v for k, v in scalars.items()})
+        pool = represent_pool(head, pool)
+    bank = build_bank(pool, config.patchcore.coreset_ratio, coreset_key)
+    model = {
+        "encoder": jax.device_get(encoder),
+        "head": head,
+        "bank": bank,
+        "normalization": np.asarray(IDENTITY_NORMALIZATION, np.float32),
+    }
+    if ensemble:
+        predict_fn = compile_predict(config, mesh, archs=(arch,))
+        train_result = evaluate_models([model], predict_fn, train_samples, config, mesh)
+        model["normalization"] = normalization_stats(train_result)
+    info.update({"memory_bank_size": float(len(bank)),
+                 "fit_seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
+    step = int(info.get("train_steps", 0))
+    checkpointing.save(ckpt, step + 1, {"model": model})
+    return model, info
+
+
+def evaluate_models(models, predict_fn, samples, config, mesh) -> evaluate.SplitResult:
+    """Every sample once through `predict_fn(models, images)`."""
+    replicated = parallel.replicate(mesh, models)
+
+    def score_batch(images):
+        return predict_fn(
+            replicated, parallel.global_batch(mesh, {"image": images})["image"]
+        )
+
+    return evaluate.score_split(score_batch, samples, config, jax.local_device_count())
+
+
+def restore_models(config, workdir: str, category: str) -> list[dict]:
+    """The fitted models of `category` (config.checkpoint.step, default the latest)."""
+    archs = ensemble_archs(config)
+    models = []
+    for arch in archs:
+        directory = model_dir(workdir, category, arch, len(archs) > 1)
+        ckpt = checkpointing.manager(directory)
+        model = saved_model(ckpt, config.checkpoint.step)
+        if model is None:
+            raise checkpointing.NoCheckpointError(
+                f"No fitted {config.method} model in {directory}: run mode 'train' first."
+            )
+        models.append(model)
+    return models
+
+
+def run_category(config, workdir: str, category: str, mesh) -> dict:
+    """Fits (or restores) the models of `category`, evaluates, writes reports."""
+    from recontrast_jax import thresholds, train
+
     files = sources.category_files(config, category)
     train_samples, held_out = thresholds.holdout_split(
         files.train, config.data.holdout_fraction, config.seed
     )
-    init_key, coreset_key = jax.random.split(jax.random.key(config.seed))
-    variables = encoder_variables(config, init_key)
-    bank = build_memory_bank(variables, train_samples, config, coreset_key)
-    buffer = io.BytesIO()
-    np.save(buffer, np.asarray(bank))
-    reports.atomic_write_bytes(
-        os.path.join(workdir, "memory_bank", f"{category}.npy"), buffer.getvalue()
-    )
-    bank_seconds = time.perf_counter() - start
-    result = score_split(variables, bank, files.test, config)
+    archs = ensemble_archs(config)
+    writer = train.SummaryWriter(train.category_dirs(workdir, category)["tensorboard"])
+    start = time.perf_counter()
+    if config.mode == "train":
+        fitted = [
+            fit_model(config, arch, train_samples,
+                      checkpointing.manager(model_dir(workdir, category, arch, len(archs) > 1),
+                                            config.checkpoint.max_to_keep),
+                      mesh, len(archs) > 1, writer)
+            for arch in archs
+        ]  # fmt: skip
+        models = [m for m, _ in fitted]
+        info = {k: v for _, i in fitted for k, v in i.items()}
+    else:
+        models, info = restore_models(config, workdir, category), {}
+    fit_seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    predict_fn = compile_predict(config, mesh)
+    result = evaluate_models(models, predict_fn, files.test, config, mesh)
     metrics = evaluate.compute_metrics(result, config.eval.pixel_metrics)
-    normal = score_split(variables, bank, held_out or train_samples, config)
+    inference_seconds = time.perf_counter() - start
+    normal = evaluate_models(
+        models, predict_fn, held_out or train_samples, config, mesh
+    )
     source = "held-out" if held_out else "training (in-sample)"
     calibration = thresholds.calibration(
         normal, source, result, config.eval.pixel_metrics
     )
-    train.write_category_reports(config, workdir, category, files, result, calibration)
+    entries = train.write_category_reports(
+        config, workdir, category, files, result, calibration
+    )
+    writer.heatmaps(0, train.category_dirs(workdir, category)["heatmaps"], entries)
+    writer.close()
     return {
         **metrics,
-        "memory_bank_size": float(bank.shape[0]),
-        "train_seconds": round(bank_seconds, 2),
+        **info,
+        "train_seconds": round(fit_seconds, 2),
+        "test_seconds": round(inference_seconds, 2),
+        "test_images_per_second": round(
+            len(files.test) / max(inference_seconds, 1e-9), 2
+        ),
     }

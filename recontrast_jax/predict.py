@@ -47,11 +47,7 @@ def predict_category(
     """Scores `config.predict.input` with the model of `category`; returns the output dir."""
     paths = list_images(config.predict.input)
     samples = [folder.Sample(p, None, 0, "unknown") for p in paths]
-    mesh = parallel.make_mesh()
-    state = train.restore_for_inference(config, workdir, category, mesh)
-    result = evaluate.evaluate_split(
-        evaluate.compile_predict(config, mesh), state, samples, config, mesh
-    )
+    result = score_samples(config, workdir, category, samples)
     calibration = (
         {} if config.threshold.rule == "fixed" else thresholds.load(workdir, category)
     )
@@ -68,6 +64,21 @@ def predict_category(
         output, rows, result, chosen, calibration, config.predict.num_heatmaps
     )
     return output
+
+
+def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
+    """Scores `samples` with the category's saved model (any method)."""
+    mesh = parallel.make_mesh()
+    if config.method in ("patchcore", "reconpatch"):
+        from recontrast_jax import patchcore
+
+        models = patchcore.restore_models(config, workdir, category)
+        predict_fn = patchcore.compile_predict(config, mesh)
+        return patchcore.evaluate_models(models, predict_fn, samples, config, mesh)
+    state = train.restore_for_inference(config, workdir, category, mesh)
+    return evaluate.evaluate_split(
+        evaluate.compile_predict(config, mesh), state, samples, config, mesh
+    )
 
 
 def prediction_rows(paths, root, result, chosen) -> list[dict]:

@@ -26,6 +26,8 @@ import jax
 import numpy as np
 from etils import epath
 
+from recontrast_jax.models import backbones
+
 Variables = dict
 
 
@@ -76,10 +78,30 @@ TORCHVISION_V1: dict[str, WeightsInfo] = {
     "wide_resnet101_2": WeightsInfo(
         "timm/wide_resnet101_2.tv_in1k", "wide_resnet101_2-32ee1156.pth"
     ),
+    "resnext101_32x8d": WeightsInfo(
+        "timm/resnext101_32x8d.tv_in1k", "resnext101_32x8d-8ba56ff5.pth"
+    ),
+    "densenet201": WeightsInfo("timm/densenet201.tv_in1k", "densenet201-c1103571.pth"),
 }
 
-# torchvision keys that the encoders here never use (ReContrast drops layer4/fc).
+# torchvision keys that the ResNet-family encoders never use (ReContrast drops
+# layer4/fc). Kept under this name for the callers that convert ResNet weights.
 ENCODER_UNUSED = (r"^layer4\.", r"^fc\.")
+
+# torchvision DenseNet keys after denseblock3, where the DenseNet encoders stop.
+DENSENET_UNUSED = (
+    r"^features\.transition3\.",
+    r"^features\.denseblock4\.",
+    r"^features\.norm5\.",
+    r"^classifier\.",
+)
+
+# Old torchvision DenseNet files name dense-layer modules `norm.1`, `conv.2`...
+# (written when module names could contain dots); current ones say `norm1`.
+_LEGACY_DENSE_LAYER_KEY = re.compile(
+    r"^(?P<layer>(?:.*\.)?denselayer\d+)\.(?P<module>norm|relu|conv)\.(?P<index>[12])\."
+    r"(?P<leaf>weight|bias|running_mean|running_var|num_batches_tracked)$"
+)
 
 _FLAX_TO_TORCH_LEAF = {
     ("params", "kernel"): "weight",
@@ -106,6 +128,41 @@ def torch_key(collection: str, path: tuple[str, ...]) -> str:
     if leaf is None:
         raise ConversionError(f"No torch name for {collection}/{'/'.join(path)}")
     return ".".join([*modules, leaf])
+
+
+def encoder_unused(arch: str) -> tuple[str, ...]:
+    """Regexes of the torchvision keys the encoder of `arch` does not use.
+
+    Args:
+      arch: encoder architecture (a name of `backbones.known_archs()`).
+
+    Returns:
+      `DENSENET_UNUSED` for DenseNets, else `ENCODER_UNUSED` (layer4, fc).
+    """
+    return DENSENET_UNUSED if backbones.is_densenet(arch) else ENCODER_UNUSED
+
+
+def rename_legacy_densenet_keys(
+    state_dict: Mapping[str, np.ndarray],
+) -> dict[str, np.ndarray]:
+    """Renames old-style DenseNet keys (`denselayer1.norm.1.weight`) to `norm1`.
+
+    torchvision's DenseNet `.pth` files predate the current module names; its
+    loader renames them in the same way. Other keys pass through unchanged.
+
+    Args:
+      state_dict: torch-style names -> arrays.
+
+    Returns:
+      A new dict with the renamed keys.
+    """
+    renamed = {}
+    for key, value in state_dict.items():
+        match = _LEGACY_DENSE_LAYER_KEY.match(key)
+        if match:
+            key = f"{match['layer']}.{match['module']}{match['index']}.{match['leaf']}"
+        renamed[key] = value
+    return renamed
 
 
 def to_flax_layout(array: np.ndarray) -> np.ndarray:
@@ -341,20 +398,28 @@ def offline_instructions(arch: str, error: Exception) -> str:
 def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variables:
     """Encoder variables from `source`: 'imagenet' (V1 download) or a file path.
 
+    Keys the encoder does not use (`encoder_unused(arch)`) are dropped, and old
+    DenseNet key names are renamed (`rename_legacy_densenet_keys`).
+
     Args:
       arch: encoder architecture.
       source: 'imagenet' or a path to .safetensors/.pth/.pt/.npz (torchvision
         key names) or .msgpack (Flax variables saved with flax.serialization).
       template: the encoder's Flax variables (arrays or ShapeDtypeStructs).
+
+    Returns:
+      {'params': ..., 'batch_stats': ...} with the structure of `template`.
     """
     path = download_v1_weights(arch) if source == "imagenet" else source
     if path.lower().endswith(".msgpack"):
         return _read_msgpack(path, template)
     if path.lower().endswith(".pth"):
         verify_torchvision_file_hash(path)
-    state_dict = read_state_dict(path)
+    state_dict = rename_legacy_densenet_keys(read_state_dict(path))
     try:
-        return state_dict_to_variables(state_dict, template, ignore=ENCODER_UNUSED)
+        return state_dict_to_variables(
+            state_dict, template, ignore=encoder_unused(arch)
+        )
     except ConversionError as e:
         raise ConversionError(f"{path}: {e}") from e
 

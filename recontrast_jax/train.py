@@ -545,11 +545,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     results = {}
     for category in sources.category_names(config):
-        if config.method == "patchcore":
+        if config.method in ("patchcore", "reconpatch"):
             from recontrast_jax import patchcore
 
-            results[category] = patchcore.run_category(config, workdir, category)
-        else:
+            results[category] = patchcore.run_category(config, workdir, category, mesh)
+        elif config.method == "recontrast":
             results[category] = train_category(config, workdir, category, mesh)
+        else:
+            raise ValueError(
+                f"Unknown config.method {config.method!r}: use 'recontrast', "
+                "'patchcore' or 'reconpatch'."
+            )
         write_results(workdir, results, config.report.title)
     return summarize(results)

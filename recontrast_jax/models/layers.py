@@ -92,14 +92,28 @@ def conv(
     kernel: int,
     stride: int = 1,
     name: str | None = None,
+    groups: int = 1,
 ) -> nn.Conv:
-    """A bias-free conv with PyTorch's symmetric padding (k // 2 on each side)."""
+    """A bias-free conv with PyTorch's symmetric padding (k // 2 on each side).
+
+    Args:
+      features: output channels.
+      kernel: square kernel side.
+      stride: stride in both directions.
+      name: module name (a torchvision key with `.N` written `_N`).
+      groups: PyTorch `groups` (ResNeXt's grouped 3x3 conv); the Flax kernel is
+        (k, k, in // groups, features), the transposed PyTorch weight.
+
+    Returns:
+      The `nn.Conv` module.
+    """
     pad = kernel // 2
     return nn.Conv(
         features,
         (kernel, kernel),
         strides=(stride, stride),
         padding=((pad, pad), (pad, pad)),
+        feature_group_count=groups,
         use_bias=False,
         kernel_init=conv_kernel_init,
         name=name,

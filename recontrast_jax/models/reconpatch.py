@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -159,3 +160,59 @@ def patch_features(
     # Stacking [N, 2, D] then flattening equals concatenating along the last axis.
     stacked = jnp.concatenate(per_layer, axis=-1)
     return adaptive_avg_pool_1d(stacked, target_dim)
+
+
+def torch_linear_init(key, shape, dtype=jnp.float32):
+    """PyTorch's default `nn.Linear` init for a Flax `[in, out]` kernel or `[out]` bias.
+
+    Both are U(-1/sqrt(fan_in), 1/sqrt(fan_in)) (kaiming_uniform with a=sqrt(5)
+    for the weight). For the bias the fan-in is not in its shape, so
+    `Modulation` passes it explicitly through `_bias_init`.
+    """
+    bound = 1.0 / np.sqrt(shape[0])
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def _bias_init(fan_in: int):
+    def init(key, shape, dtype=jnp.float32):
+        bound = 1.0 / np.sqrt(fan_in)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+    return init
+
+
+class Modulation(nn.Module):
+    """ReConPatch's representation layer f (linear) and projection layer g (linear).
+
+    `r = f(p)` is the modulated patch feature that goes into the memory bank;
+    `z = g(r)` is only used by the contrastive loss during training (spec §2.1).
+
+    Attributes:
+        feature_dim: output size of f (512 for WRN-50, 384 per ensemble model).
+        projection_dim: output size of g (128; the paper does not state it).
+    """
+
+    feature_dim: int = 512
+    projection_dim: int = 128
+
+    def _dense(self, features: int, fan_in: int, name: str) -> nn.Dense:
+        return nn.Dense(
+            features,
+            kernel_init=torch_linear_init,
+            bias_init=_bias_init(fan_in),
+            precision=_HIGHEST,
+            name=name,
+        )
+
+    @nn.compact
+    def __call__(self, p: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Returns `(r, z) = (f(p), g(f(p)))` for patch features `p [..., C']`."""
+        r = self._dense(self.feature_dim, p.shape[-1], "f")(p)
+        z = self._dense(self.projection_dim, self.feature_dim, "g")(r)
+        return r, z
+
+
+def represent(head_params, p: jax.Array) -> jax.Array:
+    """`f(p)` from the parameters of a `Modulation` (g is not needed)."""
+    kernel, bias = head_params["f"]["kernel"], head_params["f"]["bias"]
+    return jnp.matmul(p, kernel, precision=_HIGHEST) + bias

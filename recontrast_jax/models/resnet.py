@@ -1,4 +1,4 @@
-"""ResNet and WideResNet encoders with torchvision's architecture and naming.
+"""ResNet, WideResNet and ResNeXt encoders with torchvision's architecture and naming.
 
 The encoders stop after `layer3` (ReContrast sets `layer4 = fc = None`) and return
 the three stage outputs. Module names mirror torchvision's state-dict keys with
@@ -28,10 +28,12 @@ class ArchSpec:
     Attributes:
       block: 'basic' (BasicBlock, expansion 1) or 'bottleneck' (expansion 4).
       layers: blocks per stage for layer1..layer3 (the decoder mirrors them).
-      width_per_group: 64 for ResNets, 128 for wide ResNets.
+      width_per_group: 64 for ResNets, 128 for wide ResNets, 8 for ResNeXt-32x8d.
       stem_features: channels of the 7x7 stem conv.
       planes: base planes of layer1..layer3 (torchvision: 64, 128, 256).
       oce_blocks: blocks of the bottleneck's one-class-embedding layer.
+      groups: groups of the encoder Bottleneck's 3x3 conv (32 for ResNeXt). Only
+        the encoder uses it; ReContrast's bottleneck and decoder stay ungrouped.
     """
 
     block: str
@@ -40,6 +42,7 @@ class ArchSpec:
     stem_features: int = 64
     planes: tuple[int, int, int] = (64, 128, 256)
     oce_blocks: int = 3
+    groups: int = 1
 
     @property
     def expansion(self) -> int:
@@ -57,12 +60,25 @@ ARCHS: dict[str, ArchSpec] = {
     "resnet50": ArchSpec("bottleneck", (3, 4, 6)),
     "wide_resnet50_2": ArchSpec("bottleneck", (3, 4, 6), width_per_group=128),
     "wide_resnet101_2": ArchSpec("bottleneck", (3, 4, 23), width_per_group=128),
+    "resnext101_32x8d": ArchSpec(
+        "bottleneck", (3, 4, 23), width_per_group=8, groups=32
+    ),
     # Tiny variants for tests and CPU quick runs (not torchvision models).
     "resnet_tiny": ArchSpec(
         "basic", (1, 1, 1), stem_features=16, planes=(16, 32, 64), oce_blocks=1
     ),
     "resnet_tiny_bottleneck": ArchSpec(
         "bottleneck", (1, 1, 1), stem_features=16, planes=(8, 16, 32), oce_blocks=1
+    ),
+    # 3x3 convs of 4 groups of 2 (layer1), 4 (layer2) and 8 (layer3) channels.
+    "resnext_tiny": ArchSpec(
+        "bottleneck",
+        (1, 1, 1),
+        width_per_group=8,
+        stem_features=16,
+        planes=(16, 32, 64),
+        oce_blocks=1,
+        groups=4,
     ),
 }
 
@@ -97,19 +113,24 @@ class BasicBlock(nn.Module):
 
 
 class Bottleneck(nn.Module):
-    """torchvision Bottleneck (ResNet v1.5: the stride sits on the 3x3 conv)."""
+    """torchvision Bottleneck (ResNet v1.5: the stride sits on the 3x3 conv).
+
+    With `groups > 1` this is the ResNeXt block: torchvision's width is
+    `int(planes * width_per_group / 64) * groups` and the 3x3 conv is grouped.
+    """
 
     planes: int
     stride: int = 1
     downsample: bool = False
     width_per_group: int = 64
+    groups: int = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-        width = int(self.planes * (self.width_per_group / 64.0))
+        width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out = conv(width, 1, name="conv1")(x)
         out = nn.relu(BatchNorm(name="bn1")(out, train))
-        out = conv(width, 3, self.stride, name="conv2")(out)
+        out = conv(width, 3, self.stride, name="conv2", groups=self.groups)(out)
         out = nn.relu(BatchNorm(name="bn2")(out, train))
         out = conv(self.planes * 4, 1, name="conv3")(out)
         out = BatchNorm(name="bn3")(out, train)
@@ -120,11 +141,24 @@ class Bottleneck(nn.Module):
         return nn.relu(out + identity)
 
 
-def make_block(spec: ArchSpec, planes: int, stride: int, downsample: bool, name: str):
-    """Instantiates the block type of `spec` (shared by encoder and bottleneck)."""
+def make_block(
+    spec: ArchSpec,
+    planes: int,
+    stride: int,
+    downsample: bool,
+    name: str,
+    groups: int = 1,
+):
+    """Instantiates the block type of `spec` (shared by encoder and bottleneck).
+
+    `groups` is passed explicitly (not read from `spec`) so that ReContrast's
+    bottleneck, which shares this function, keeps ungrouped convolutions.
+    """
     if spec.block == "basic":
         return BasicBlock(planes, stride, downsample, name=name)
-    return Bottleneck(planes, stride, downsample, spec.width_per_group, name=name)
+    return Bottleneck(
+        planes, stride, downsample, spec.width_per_group, groups, name=name
+    )
 
 
 def run_stage(
@@ -135,13 +169,14 @@ def run_stage(
     blocks: int,
     stride: int,
     train: bool,
+    groups: int = 1,
 ) -> jax.Array:
     """torchvision `_make_layer`: block 0 may stride/project, the rest are identity."""
     out_channels = planes * spec.expansion
     downsample = stride != 1 or x.shape[-1] != out_channels
-    x = make_block(spec, planes, stride, downsample, f"{prefix}_0")(x, train)
+    x = make_block(spec, planes, stride, downsample, f"{prefix}_0", groups)(x, train)
     for i in range(1, blocks):
-        x = make_block(spec, planes, 1, False, f"{prefix}_{i}")(x, train)
+        x = make_block(spec, planes, 1, False, f"{prefix}_{i}", groups)(x, train)
     return x
 
 
@@ -173,6 +208,15 @@ class ResNetEncoder(nn.Module):
             zip(spec.planes, spec.layers, strict=True)
         ):
             stride = 1 if stage == 0 else 2
-            x = run_stage(spec, x, f"layer{stage + 1}", planes, blocks, stride, train)
+            x = run_stage(
+                spec,
+                x,
+                f"layer{stage + 1}",
+                planes,
+                blocks,
+                stride,
+                train,
+                groups=spec.groups,
+            )
             features.append(x)
         return features

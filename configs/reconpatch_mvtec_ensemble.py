@@ -1,0 +1,50 @@
+"""ReConPatch ensemble on MVTec AD (paper Table 6; spec reconpatch.md §2.5-2.7).
+
+wide_resnet101_2 + resnext101_32x8d + densenet201 (torchvision IMAGENET1K_V1),
+layer2/layer3 (DenseNet: denseblock2/denseblock3) patch features, Resize 366 then
+CenterCrop 320 (PatchCore's 320 recipe), f: 1024 -> 384 per backbone, 60 epochs,
+AdamP lr 1e-6, weight decay 1e-2, 1% coreset per backbone. Each backbone's image
+scores and maps are modified-z-scored with the median and MAD of its own scores on
+the training images and the three are averaged (the combiner and the map
+normalisation are assumed; the paper states only the score normalisation).
+
+  python -m recontrast_jax.main --config configs/reconpatch_mvtec_ensemble.py:bottle \
+      --config.data.root=/path/to/mvtec_anomaly_detection --workdir runs/reconpatch_ens
+
+Paper (ensemble, 320 px): image AUROC 99.67, pixel AUROC 98.36; at 480 px
+(`--config.data.image_size=480 --config.data.crop_size=480`, resize recipe not
+stated): 99.72 / 98.67.
+"""
+
+from recontrast_jax import default_config
+from recontrast_jax.data import categories
+
+ENSEMBLE = ("wide_resnet101_2", "resnext101_32x8d", "densenet201")
+
+
+def get_config(category: str = "all"):
+    if category != "all" and category not in categories.MVTEC_CATEGORIES:
+        raise ValueError(
+            f"Unknown MVTec category {category!r}; use one of "
+            f"{categories.MVTEC_CATEGORIES} or 'all'."
+        )
+    config = default_config.get_config()
+    config.method = "reconpatch"
+    config.data.source = "folder"
+    config.data.tfds_name = "mvtec_ad"
+    config.data.categories = (
+        categories.MVTEC_CATEGORIES if category == "all" else (category,)
+    )
+    config.data.image_size = 366
+    config.data.crop_size = 320
+    config.data.holdout_fraction = 0.0
+    config.model.pretrained = "imagenet"
+    config.patchcore.ensemble = ENSEMBLE
+    config.patchcore.coreset_ratio = 0.01
+    config.reconpatch.feature_dim = 384
+    config.reconpatch.epochs = 60
+    config.reconpatch.lr = 1e-6
+    config.reconpatch.weight_decay = 1e-2
+    config.checkpoint.every = 2000
+    config.report.title = "ReConPatch ensemble on MVTec AD"
+    return config
