@@ -31,7 +31,7 @@ from recontrast_jax import (
 )
 from recontrast_jax import pretrained as pretrained_lib
 from recontrast_jax.data import input_pipeline, sources
-from recontrast_jax.models import recontrast
+from recontrast_jax.models import recontrast, resnet
 
 
 @flax.struct.dataclass
@@ -128,12 +128,15 @@ def train_step(
     warmup_fraction: float,
     mining_factor: float,
     encoder_train: bool,
+    frozen_features: list[jax.Array] | None = None,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One ReContrast update (pure; jit it with the static keyword arguments bound).
 
     Args:
       state: current state.
       images: normalised images (B, H, W, 3), sharded along the batch.
+      frozen_features: E_f's features of `images` if already known (see
+        `frozen_feature_cache`); computed here when None.
       arch: encoder architecture.
       tx: the optimiser.
       total_steps: T, for the alpha warm-up.
@@ -145,7 +148,8 @@ def train_step(
       The new state and {'loss', 'alpha'}.
     """
     alpha = losses.alpha_schedule(state.step, total_steps, warmup_fraction)
-    frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
+    if frozen_features is None:
+        frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
     model = recontrast.ReContrast(arch)
 
     def loss_fn(params):
@@ -172,11 +176,19 @@ def train_step(
 
 
 def compile_train_step(
-    config: ml_collections.ConfigDict, tx, mesh, encoder_train: bool
+    config: ml_collections.ConfigDict,
+    tx,
+    mesh,
+    encoder_train: bool,
+    cached_features: bool = False,
 ):
     """Binds the static arguments and jits `train_step` over the mesh.
 
-    The state is donated and stays replicated; the batch is sharded.
+    The state is donated and stays replicated; the batch is sharded. The
+    returned function is `step(state, images)`; with `cached_features` it is
+    `step(state, images, index, cache)`, where `cache` (replicated) holds E_f's
+    features of every training image and `index` (sharded like the images)
+    picks their rows, so E_f does not run in the step.
     """
     step_fn = functools.partial(
         train_step,
@@ -187,12 +199,80 @@ def compile_train_step(
         mining_factor=config.train.mining_factor,
         encoder_train=encoder_train,
     )
+    replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
+    if cached_features:
+
+        def cached_step(state, images, index, cache):
+            rows = [level.at[index].get(out_sharding=sharded) for level in cache]
+            return step_fn(state, images, frozen_features=rows)
+
+        return jax.jit(
+            cached_step,
+            in_shardings=(replicated, sharded, sharded, replicated),
+            out_shardings=(replicated, replicated),
+            donate_argnums=0,
+        )
     return jax.jit(
         step_fn,
-        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
-        out_shardings=(parallel.replicated(mesh), parallel.replicated(mesh)),
+        in_shardings=(replicated, sharded),
+        out_shardings=(replicated, replicated),
         donate_argnums=0,
     )
+
+
+def batch_step(step_fn, cache: list[jax.Array] | None):
+    """`step(state, global_batch_dict)` over a compiled (cached or plain) step."""
+    if cache is None:
+        return lambda state, batch: step_fn(state, batch["image"])
+    return lambda state, batch: step_fn(state, batch["image"], batch["index"], cache)
+
+
+def frozen_feature_bytes(config: ml_collections.ConfigDict, num_images: int) -> int:
+    """Memory of E_f's three feature maps for `num_images` training images."""
+    spec = resnet.get_arch(config.model.arch)
+    side = config.data.crop_size
+    per_image = sum(
+        channels * (side // stride) ** 2
+        for channels, stride in zip(spec.stage_channels, (4, 8, 16), strict=True)
+    )
+    return 4 * per_image * num_images
+
+
+def use_frozen_cache(config: ml_collections.ConfigDict, num_images: int) -> bool:
+    """Whether to precompute E_f's features (`train.frozen_cache`: auto/on/off).
+
+    There is no augmentation, so E_f (inference-mode BatchNorm, never updated)
+    maps each training image to the same features at every step. 'auto' caches
+    them when they fit in `train.frozen_cache_mb` per device.
+    """
+    mode = config.train.frozen_cache
+    if mode not in ("auto", "on", "off"):
+        raise ValueError(f"train.frozen_cache must be auto, on or off, got {mode!r}")
+    if mode == "auto":
+        budget = config.train.frozen_cache_mb * 1024 * 1024
+        return frozen_feature_bytes(config, num_images) <= budget
+    return mode == "on"
+
+
+def frozen_feature_cache(config, state: TrainState, samples, mesh) -> list[jax.Array]:
+    """E_f's features of every training image, in `samples` order, replicated."""
+    arch = config.model.arch
+    features_fn = jax.jit(
+        lambda frozen, images: recontrast.frozen_encoder_features(arch, frozen, images)
+    )
+    dataset = input_pipeline.eval_dataset(
+        samples,
+        batch_size=config.eval.batch_size,
+        image_size=config.data.image_size,
+        crop_size=config.data.crop_size,
+    )
+    levels: list[list[np.ndarray]] = [[], [], []]
+    frozen = jax.device_get(state.frozen)
+    for batch in input_pipeline.iterate_numpy(dataset):
+        valid = batch["valid"]
+        for level, f in zip(levels, features_fn(frozen, batch["image"]), strict=True):
+            level.append(np.asarray(f)[valid])
+    return parallel.replicate(mesh, [np.concatenate(level) for level in levels])
 
 
 class Throughput:
@@ -278,9 +358,15 @@ def train_category(
     start = time.perf_counter()
     last = None
     if config.mode == "train":
+        cached = use_frozen_cache(config, len(train_samples))
         step_fn = compile_train_step(
-            config, tx, mesh, encoder_bn_train_mode(config, category)
+            config, tx, mesh, encoder_bn_train_mode(config, category), cached
         )
+        cache = (
+            frozen_feature_cache(config, state, train_samples, mesh) if cached else None
+        )
+        step_fn = batch_step(step_fn, cache)
+
         state, last = run_training(
             config,
             category,
@@ -416,8 +502,9 @@ def run_training(
         logging.info("%s: resuming from step %d", category, step)
     with bar:
         for batch in input_pipeline.iterate_numpy(dataset):
-            images = parallel.global_batch(mesh, batch)["image"]
-            state, step_metrics = step_fn(state, images)
+            batch = parallel.global_batch(mesh, batch)
+            state, step_metrics = step_fn(state, batch)
+            images = batch["image"]
             step += 1
             throughput.add(images.shape[0])
             bar.update(1)

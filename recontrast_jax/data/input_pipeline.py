@@ -381,7 +381,9 @@ def train_dataset(
         batches was. Skipping happens before any image is loaded.
 
     Returns:
-      A ``tf.data.Dataset`` of ``{'image': float32 [b, crop, crop, 3]}``.
+      A ``tf.data.Dataset`` of ``{'image': float32 [b, crop, crop, 3],
+      'index': int32 [b]}``; ``index`` is each image's position in ``samples``
+      (the same on every process), e.g. to look up precomputed features.
 
     Raises:
       ValueError: On inconsistent arguments or if an epoch would yield no batch.
@@ -427,7 +429,9 @@ def train_dataset(
         # A static batch dimension when every batch is full.
         batch_dim = batch_size if drop_remainder else None
         images = tf.ensure_shape(images, [batch_dim, crop_size, crop_size, 3])
-        return {"image": _normalize_tf(images)}
+        # shard[i] is samples[process_index + i * process_count].
+        index = process_index + indices * process_count
+        return {"image": _normalize_tf(images), "index": index}
 
     ds = tf.data.Dataset.counter().flat_map(epoch_batches).skip(start_batch)
     ds = ds.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

@@ -1,0 +1,154 @@
+"""Train-step and inference speed, compile time, memory and FLOP utilisation.
+
+For each setting, in a fresh subprocess (so peak memory is its own):
+
+* ReContrast train step (`train.compile_train_step`, state donated): compile
+  time, seconds per step, images/s;
+* ReContrast inference (`evaluate.compile_predict`: encoders, decoder, cosine
+  maps, upsampling, blur and score in one jitted function): images/s;
+* ReConPatch/PatchCore inference (`patchcore.compile_predict`: patch features,
+  f, kNN against a 1% bank of the training patches, maps): images/s;
+* FLOPs of each compiled function from XLA's cost analysis, divided by its
+  measured time, next to the float32 matmul GFLOP/s measured in the same run
+  (a 2048^3 `jnp.dot`, best of 5): the utilisation ratio.
+
+Settings: `quickstart` (resnet_tiny, 96 px, batch 16), `paper` (wide_resnet50_2,
+256 px, batch 16 for ReContrast; 224 px for ReConPatch). Random weights and
+images: speed does not depend on them.
+
+Usage:  python benchmarks/speed.py [--settings quickstart,paper] [--steps 3]
+
+Prints one markdown table; asserts nothing.
+"""
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    import jax, jax.numpy as jnp, numpy as np
+    from recontrast_jax import default_config, evaluate, memory_bank, parallel, patchcore, train
+
+    setting, steps = sys.argv[1], int(sys.argv[2])
+    arch, size, rc_size = {
+        "quickstart": ("resnet_tiny", 96, 96),
+        "paper": ("wide_resnet50_2", 256, 224),
+    }[setting]
+    batch = 16
+    mesh = parallel.make_mesh()
+    rng = np.random.default_rng(0)
+    rows = []
+
+    def matmul_gflops(n=2048):
+        a = jnp.asarray(rng.normal(size=(n, n)).astype(np.float32))
+        f = jax.jit(lambda x, y: x @ y)
+        f(a, a).block_until_ready()
+        best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(5))
+        return 2 * n**3 / best / 1e9
+
+    def _timed(fn):
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    def measure(name, jitted, args, images, repeats, donate=False):
+        start = time.perf_counter()
+        compiled = jitted.lower(*args).compile()
+        compile_s = time.perf_counter() - start
+        flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            out = compiled(*args)
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - start)
+            if donate:
+                args = (out[0],) + tuple(args[1:])
+        seconds = float(np.median(times))
+        rows.append(dict(name=name, compile_s=compile_s, seconds=seconds,
+                         images_per_s=images / seconds, gflop=flops / 1e9,
+                         gflops=flops / seconds / 1e9))
+
+    peak_matmul = matmul_gflops()
+
+    # ReContrast train step and inference.
+    config = default_config.get_config()
+    config.model.arch = arch
+    config.data.image_size = config.data.crop_size = size
+    tx = train.make_optimizer(config.optimizer)
+    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    images = parallel.global_batch(
+        mesh, {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)})["image"]
+    step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+    measure(f"ReContrast train step ({arch}, {size} px, batch {batch})",
+            step, (state, images), batch, steps, donate=True)
+    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    measure(f"ReContrast inference ({arch}, {size} px)",
+            evaluate.compile_predict(config, mesh), (state, images), batch, steps)
+
+    # ReConPatch inference: features, f, kNN against a 1% bank, maps.
+    config.method = "reconpatch"
+    config.model.pretrained = ""
+    config.data.image_size = config.data.crop_size = rc_size
+    encoder = patchcore.encoder_variables(config, arch, jax.random.key(0))
+    feature_dim, in_dim = config.reconpatch.feature_dim, config.patchcore.target_dim
+    bank_rows = memory_bank.coreset_size(200 * (rc_size // 8) ** 2, 0.01)
+    model = {
+        "encoder": encoder,
+        "head": {"f": {
+            "kernel": jnp.asarray(rng.normal(size=(in_dim, feature_dim)).astype(np.float32)),
+            "bias": jnp.zeros((feature_dim,), jnp.float32)}},
+        "bank": jnp.asarray(rng.normal(size=(bank_rows, feature_dim)).astype(np.float32)),
+        "normalization": jnp.asarray([0.0, 1.0, 0.0, 1.0], jnp.float32),
+    }
+    rc_images = parallel.global_batch(
+        mesh, {"image": rng.normal(size=(batch, rc_size, rc_size, 3)).astype(np.float32)})["image"]
+    measure(f"ReConPatch inference ({arch}, {rc_size} px, bank {bank_rows})",
+            patchcore.compile_predict(config, mesh), ([model], rc_images), batch, steps)
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+    print(json.dumps(dict(setting=setting, matmul_gflops=peak_matmul, peak_gib=peak, rows=rows)))
+    """
+)
+
+
+def run(setting: str, steps: int) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, setting, str(steps)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--settings", default="quickstart,paper")
+    parser.add_argument("--steps", type=int, default=3)
+    args = parser.parse_args()
+    print(
+        "| what | compile | time per batch | images/s | GFLOP per batch | GFLOP/s | of matmul peak |"
+    )
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for setting in args.settings.split(","):
+        result = run(setting, args.steps)
+        peak = result["matmul_gflops"]
+        for r in result["rows"]:
+            print(
+                f"| {r['name']} | {r['compile_s']:.1f} s | {r['seconds']:.3f} s | "
+                f"{r['images_per_s']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | "
+                f"{r['gflops'] / peak:.0%} |"
+            )
+        print(
+            f"| ({setting}: float32 matmul {peak:.1f} GFLOP/s, "
+            f"peak host memory {result['peak_gib']:.2f} GiB) | | | | | | |"
+        )
+
+
+if __name__ == "__main__":
+    main()
