@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Hugging Face Hub and cached), a file path (.safetensors/.pth/.npz/.msgpack),
     # or '' for random initialisation.
     config.model.pretrained = "imagenet"
+    # Compute dtype: 'bfloat16' for GPUs/TPUs (parameters, BatchNorm statistics,
+    # losses and updates stay float32); 'float32' reproduces the paper.
+    config.model.dtype = "float32"
     config.model.encoder_bn_train = True  # E's BatchNorm in train mode...
     config.model.encoder_bn_eval_categories = ()  # ...except for these categories
 

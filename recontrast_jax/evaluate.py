@@ -80,37 +80,50 @@ def denormalize(images: np.ndarray) -> np.ndarray:
 def evaluate_split(
     predict_fn, state, samples, config: ml_collections.ConfigDict, mesh
 ) -> SplitResult:
-    """Runs `predict_fn` over every test sample exactly once."""
+    """Runs `predict_fn` over every test sample exactly once (any number of processes)."""
 
-    def score_batch(images):
+    def score_batch(local_images):
         return predict_fn(
-            state, parallel.global_batch(mesh, {"image": images})["image"]
+            state, parallel.global_batch(mesh, {"image": local_images})["image"]
         )
 
-    return score_split(score_batch, samples, config, jax.local_device_count())
+    return score_split(score_batch, samples, config, mesh)
 
 
 def score_split(
-    score_batch, samples, config: ml_collections.ConfigDict, batch_multiple: int = 1
+    score_batch, samples, config: ml_collections.ConfigDict, mesh
 ) -> SplitResult:
-    """Every sample once, in order: `score_batch(images) -> (maps, scores)` per batch.
+    """Every sample once, in order, on one or many processes.
 
-    Padding rows of the last batch are dropped; masks, labels and the
-    de-normalised images are kept beside the maps and scores.
+    Every process reads the same batches in the same order, pads each to a
+    multiple of the mesh size, and passes only its own rows
+    (`parallel.process_part`) to `score_batch(local_images) -> (maps, scores)`,
+    which must return global arrays over the padded batch. The outputs are
+    gathered so that every process holds the full, ordered maps and scores.
+
+    Args:
+      score_batch: scores this process's rows of a padded batch.
+      samples: the samples to score (the same list on every process).
+      config: reads `eval.batch_size`, `data.image_size`, `data.crop_size`.
+      mesh: the data mesh.
+
+    Returns:
+      Maps and scores with masks, labels and the de-normalised images; padding
+      rows are dropped.
     """
     dataset = input_pipeline.eval_dataset(
         samples,
         batch_size=config.eval.batch_size,
         image_size=config.data.image_size,
         crop_size=config.data.crop_size,
-        batch_multiple=batch_multiple,
     )
     parts = {k: [] for k in ("maps", "scores", "masks", "labels", "images")}
     for batch in input_pipeline.iterate_numpy(dataset):
-        maps, scores = score_batch(batch["image"])
+        maps, scores = score_batch(parallel.process_part(mesh, batch["image"]))
         valid = batch["valid"]
-        parts["maps"].append(np.asarray(jax.device_get(maps))[valid])
-        parts["scores"].append(np.asarray(jax.device_get(scores))[valid])
+        rows = len(valid)  # rows past it pad the batch to the mesh size
+        parts["maps"].append(parallel.to_host(maps)[:rows][valid])
+        parts["scores"].append(parallel.to_host(scores)[:rows][valid])
         parts["masks"].append(batch["mask"][valid])
         parts["labels"].append(batch["label"][valid])
         parts["images"].append(denormalize(batch["image"][valid]))

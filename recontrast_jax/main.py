@@ -1,7 +1,10 @@
 """Command-line entry: `python -m recontrast_jax.main --config C --workdir W`.
 
 `--config.mode` picks what to do: train (default; resumes), evaluate, predict
-(`--config.predict.input=DIR`) or export.
+(`--config.predict.input=DIR`) or export. Several processes (hosts, SLURM
+tasks, a TPU pod's workers) run the same command; `distributed.initialize`
+joins them first (see `--coordinator_address`, `--num_processes`,
+`--process_id`, `--distributed`).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recontrast_jax import export, predict, train
+from recontrast_jax import distributed, export, predict, train
 from recontrast_jax.data import folder
 
 MODES = ("train", "evaluate", "predict", "export")
@@ -21,6 +24,29 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
 flags.mark_flags_as_required(["config", "workdir"])
+flags.DEFINE_enum(
+    "distributed",
+    None,
+    distributed.MODES,
+    "Multi-process start-up: auto (default: explicit settings, SLURM, Open MPI, "
+    "Cloud TPU VM), on (JAX's own cluster detection) or off. "
+    f"Default from ${distributed.ENV_MODE}.",
+)
+flags.DEFINE_string(
+    "coordinator_address",
+    None,
+    f"host:port of process 0 for a manual multi-process launch (${distributed.ENV_COORDINATOR}).",
+)
+flags.DEFINE_integer(
+    "num_processes",
+    None,
+    f"Number of processes of a manual launch (${distributed.ENV_NUM_PROCESSES}).",
+)
+flags.DEFINE_integer(
+    "process_id",
+    None,
+    f"This process's index in a manual launch (${distributed.ENV_PROCESS_ID}).",
+)
 
 
 def quiet_library_logs() -> None:
@@ -35,6 +61,16 @@ def quiet_library_logs() -> None:
 def main(argv):
     del argv
     quiet_library_logs()
+    try:  # before anything touches a device
+        distributed.initialize(
+            FLAGS.coordinator_address,
+            FLAGS.num_processes,
+            FLAGS.process_id,
+            FLAGS.distributed,
+        )
+    except distributed.DistributedSetupError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     logging.info(
         "JAX %s: process %d/%d, %d local / %d global devices (%s)",
         jax.__version__,

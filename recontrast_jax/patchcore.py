@@ -220,7 +220,13 @@ def represent_pool(head, pool: np.ndarray, chunk: int = 65536) -> np.ndarray:
 
 
 def build_bank(features: np.ndarray, ratio: float, key) -> np.ndarray:
-    """The approximate greedy coreset rows of `features`."""
+    """The approximate greedy coreset rows of `features` (at least one row)."""
+    if memory_bank.coreset_size(len(features), ratio) == 0:
+        logging.warning(
+            "coreset_ratio=%s of %d training patches selects nothing; keeping 1 row.",
+            ratio, len(features),
+        )  # fmt: skip
+        ratio = 1.0 / len(features)
     indices = memory_bank.approximate_greedy_coreset(jnp.asarray(features), ratio, key)
     return features[np.asarray(indices)]
 

@@ -31,7 +31,7 @@ from recontrast_jax import (
 )
 from recontrast_jax import pretrained as pretrained_lib
 from recontrast_jax.data import input_pipeline, sources
-from recontrast_jax.models import recontrast, resnet
+from recontrast_jax.models import layers, recontrast, resnet
 
 
 @flax.struct.dataclass
@@ -129,6 +129,7 @@ def train_step(
     mining_factor: float,
     encoder_train: bool,
     frozen_features: list[jax.Array] | None = None,
+    dtype: str = "float32",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One ReContrast update (pure; jit it with the static keyword arguments bound).
 
@@ -137,6 +138,8 @@ def train_step(
       images: normalised images (B, H, W, 3), sharded along the batch.
       frozen_features: E_f's features of `images` if already known (see
         `frozen_feature_cache`); computed here when None.
+      dtype: compute dtype, 'float32' or 'bfloat16' (parameters, BatchNorm
+        statistics, loss and updates stay float32).
       arch: encoder architecture.
       tx: the optimiser.
       total_steps: T, for the alpha warm-up.
@@ -148,18 +151,31 @@ def train_step(
       The new state and {'loss', 'alpha'}.
     """
     alpha = losses.alpha_schedule(state.step, total_steps, warmup_fraction)
+    compute = layers.compute_dtype(dtype)
+    images = images.astype(compute)
     if frozen_features is None:
-        frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
+        frozen = {
+            **state.frozen,
+            "params": layers.cast_floating(state.frozen["params"], compute),
+        }
+        frozen_features = recontrast.frozen_encoder_features(arch, frozen, images)
+    frozen_features = [f.astype(compute) for f in frozen_features]
     model = recontrast.ReContrast(arch)
 
     def loss_fn(params):
         (targets, recons), updated = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
+            {
+                "params": layers.cast_floating(params, compute),
+                "batch_stats": state.batch_stats,
+            },
             images,
             frozen_features,
             train=True,
             encoder_train=encoder_train,
             mutable=["batch_stats"],
+        )
+        targets, recons = (
+            [x.astype(jnp.float32) for x in maps] for maps in (targets, recons)
         )
         loss = losses.recontrast_loss(targets, recons, alpha, mining_factor)
         return loss, updated["batch_stats"]
@@ -198,6 +214,7 @@ def compile_train_step(
         warmup_fraction=config.train.alpha_warmup_fraction,
         mining_factor=config.train.mining_factor,
         encoder_train=encoder_train,
+        dtype=config.model.dtype,
     )
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     if cached_features:
@@ -357,7 +374,7 @@ def train_category(
     writer = SummaryWriter(dirs["tensorboard"])
     start = time.perf_counter()
     last = None
-    if config.mode == "train":
+    if config.mode == "train" and int(jax.device_get(state.step)) < config.train.steps:
         cached = use_frozen_cache(config, len(train_samples))
         step_fn = compile_train_step(
             config, tx, mesh, encoder_bn_train_mode(config, category), cached
@@ -543,7 +560,9 @@ def training_dataset(config: ml_collections.ConfigDict, samples, start_batch: in
         crop_size=config.data.crop_size,
         seed=config.seed,
         batch_multiple=jax.local_device_count(),
-        drop_remainder=config.train.drop_last,
+        # Hosts must agree on every global batch shape, so several processes
+        # always drop each epoch's partial last batch.
+        drop_remainder=config.train.drop_last or processes > 1,
         cache=config.data.cache,
         process_index=jax.process_index(),
         process_count=processes,

@@ -25,6 +25,7 @@ NOTEBOOKS = (
     "quickstart.ipynb",
     "reproduce_mvtec.ipynb",
     "import_pytorch_checkpoint.ipynb",
+    "reconpatch.ipynb",
 )
 CELL_TIMEOUT_SECONDS = 600
 
@@ -313,3 +314,100 @@ def test_import_pytorch_checkpoint_notebook(tmp_path, kernel_env):
     assert ours["steps"] == 2000
     assert 0.0 <= ours["pixel_auroc"] <= 1.0
     assert "these numbers mean nothing" in all_text_outputs(nb)
+
+
+def anomalous_cells_from_mask_files(mask_paths, image_size: int, cell: int) -> int:
+    """Grid cells that overlap a ground-truth mask, counted straight from the PNGs.
+
+    Masks are resized as the pipeline is documented to do (PIL bilinear, then
+    `> 0`); a cell counts when any of its pixels is set.
+    """
+    import numpy as np
+    from PIL import Image
+
+    count = 0
+    for path in mask_paths:
+        mask = (
+            Image.open(path)
+            .convert("L")
+            .resize((image_size, image_size), Image.BILINEAR)
+        )
+        mask = np.asarray(mask) > 0
+        for top in range(0, image_size, cell):
+            for left in range(0, image_size, cell):
+                count += bool(mask[top : top + cell, left : left + cell].any())
+    return count
+
+
+def test_reconpatch_notebook(tmp_path, kernel_env):
+    import numpy as np
+
+    workdir = tmp_path / "work"
+    data_root = tmp_path / "embedded"
+    nb, _ = execute(
+        "reconpatch.ipynb",
+        {
+            "CATEGORIES": ("grass",),
+            "EPOCHS": 2,
+            "IMAGE_SIZE": 32,
+            "ARCH": "resnet_tiny",
+            "PRETRAINED": "",
+            "WORKDIR": str(workdir),
+            "DATA_ROOT": str(data_root),
+            "HEATMAP_IMAGES": 2,
+            "PCA_NORMAL_PATCHES": 300,
+        },
+        tmp_path,
+        kernel_env,
+    )
+    base, ours = (
+        json.loads((workdir / method / "metrics.json").read_text())["categories"][
+            "grass"
+        ]
+        for method in ("patchcore", "reconpatch")
+    )
+    text = all_text_outputs(nb)
+    assert "backend: cpu" in text
+    # The side-by-side table holds the two metrics.json files' numbers.
+    for label, key in [
+        ("image AUROC", "image_auroc"),
+        ("pixel AUROC", "pixel_auroc"),
+        ("AUPRO", "aupro"),
+        ("pixel AP", "pixel_ap"),
+    ]:
+        row = f"| grass | {label} | {100 * base[key]:.2f} | {100 * ours[key]:.2f} "
+        assert row + f"| {100 * (ours[key] - base[key]):+.2f} |" in text, label
+    # Only ReConPatch trained: EPOCHS passes of whole 1024-patch batches (one
+    # batch of all patches when there are fewer).
+    assert "train_steps" not in base
+    assert ours["train_steps"] == 2 * max(1, int(ours["train_patches"]) // 1024)
+    assert "same frozen encoder in both runs: True" in text
+
+    pca = np.load(workdir / "pca_grass.npz")
+    anomalous = pca["anomalous"]
+    # Normal points: the random subset of the training patches.
+    assert (~anomalous).sum() == min(300, int(ours["train_patches"]))
+    # Anomalous points: every 8x8 cell of a test image that touches its mask.
+    masks = sorted((data_root / "grass" / "ground_truth").glob("*/*.png"))
+    assert masks
+    assert anomalous.sum() == anomalous_cells_from_mask_files(masks, 32, 8)
+    # f(p) is the checkpointed linear layer f applied to p.
+    from recontrast_jax import checkpointing, patchcore
+
+    ckpt = checkpointing.manager(str(workdir / "reconpatch" / "checkpoints" / "grass"))
+    head = patchcore.saved_model(ckpt)["head"]["f"]
+    expected = pca["p"].astype(np.float64) @ head["kernel"] + head["bias"]
+    np.testing.assert_allclose(pca["f_p"], expected, rtol=1e-4, atol=1e-4)
+    # The 2-D projections equal sklearn's PCA, up to the sign of each component.
+    decomposition = pytest.importorskip("sklearn.decomposition")
+    for points, projected in (("p", "p_2d"), ("f_p", "f_p_2d")):
+        reference = decomposition.PCA(2, svd_solver="full").fit_transform(
+            pca[points].astype(np.float64)
+        )
+        signs = np.sign(np.sum(reference * pca[projected], axis=0))
+        scale = np.abs(reference).max()
+        np.testing.assert_allclose(
+            pca[projected], reference * signs, atol=1e-3 * scale, err_msg=points
+        )
+    # Figures: the heatmap comparison and the PCA.
+    assert count_images(nb) >= 2

@@ -67,6 +67,11 @@ class BatchNorm(nn.Module):
         running_var = self.variable(
             "batch_stats", "var", lambda: jnp.ones((features,), jnp.float32)
         )
+        # Statistics and normalisation in float32 whatever the compute dtype
+        # (bfloat16 means and variances are too coarse); the output keeps x's dtype.
+        dtype = x.dtype
+        x = x.astype(jnp.float32)
+        scale, bias = scale.astype(jnp.float32), bias.astype(jnp.float32)
         if train:
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axis=axes)
@@ -84,7 +89,33 @@ class BatchNorm(nn.Module):
         else:
             mean, var = running_mean.value, running_var.value
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
-        return (x - mean) * inv + bias
+        return ((x - mean) * inv + bias).astype(dtype)
+
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+    """The jnp dtype of `config.model.dtype` ('float32' or 'bfloat16')."""
+    if name not in COMPUTE_DTYPES:
+        raise ValueError(
+            f"model.dtype must be one of {sorted(COMPUTE_DTYPES)}, got {name!r}"
+        )
+    return COMPUTE_DTYPES[name]
+
+
+def cast_floating(tree, dtype):
+    """Casts the floating-point leaves of `tree` to `dtype` (mixed precision).
+
+    Parameters stay float32 in the state; a step casts them (and the images) to
+    the compute dtype, so convolutions run in bfloat16 while gradients, which
+    flow back through the cast, and optimiser updates stay float32.
+    """
+    if dtype == jnp.float32:
+        return tree
+    return jax.tree_util.tree_map(
+        lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree
+    )
 
 
 def conv(
