@@ -12,12 +12,13 @@ import functools
 import os
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from recontrast_jax import anomaly_maps, metrics, parallel, reports
 from recontrast_jax.data import input_pipeline
-from recontrast_jax.models import recontrast
+from recontrast_jax.models import layers, recontrast
 
 
 def predict(
@@ -28,17 +29,24 @@ def predict(
     sigma: float,
     score_rule: str,
     max_ratio: float,
+    dtype: str = "float32",
 ) -> tuple[jax.Array, jax.Array]:
     """Anomaly maps (B, H, W) and image scores (B,) for normalised images.
 
     Both reconstruction directions are used: the map is the sum of the six
     cosine-distance maps, upsampled with align_corners and Gaussian-blurred.
+    The networks run in `dtype`; the maps are computed in float32.
     """
-    variables = {"params": state.params, "batch_stats": state.batch_stats}
-    frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
+    compute = layers.compute_dtype(dtype)
+    cast = functools.partial(layers.cast_floating, dtype=compute)
+    variables = {"params": cast(state.params), "batch_stats": state.batch_stats}
+    frozen = {**state.frozen, "params": cast(state.frozen["params"])}
+    images_c = images.astype(compute)
+    frozen_features = recontrast.frozen_encoder_features(arch, frozen, images_c)
     targets, recons = recontrast.ReContrast(arch).apply(
-        variables, images, frozen_features, train=False, encoder_train=False
+        variables, images_c, frozen_features, train=False, encoder_train=False
     )
+    targets, recons = ([x.astype(jnp.float32) for x in m] for m in (targets, recons))
     maps = anomaly_maps.anomaly_map(targets, recons, images.shape[1:3], sigma)
     return maps, anomaly_maps.image_scores(maps, score_rule, max_ratio)
 
@@ -51,6 +59,7 @@ def compile_predict(config: ml_collections.ConfigDict, mesh):
         sigma=config.eval.sigma,
         score_rule=config.eval.score_rule,
         max_ratio=config.eval.max_ratio,
+        dtype=config.model.dtype,
     )
     return jax.jit(
         fn,

@@ -154,7 +154,7 @@ def _model_fn(state, config: ml_collections.ConfigDict):
     return functools.partial(
         evaluate.predict, variables, arch=config.model.arch,
         sigma=float(config.eval.sigma), score_rule=config.eval.score_rule,
-        max_ratio=float(config.eval.max_ratio),
+        max_ratio=float(config.eval.max_ratio), dtype=config.model.dtype,
     )  # fmt: skip
 
 
