@@ -11,6 +11,8 @@ outputs are brought back to every host with `to_host`.
 
 from __future__ import annotations
 
+import collections
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -125,3 +127,23 @@ def to_host(array: jax.Array) -> np.ndarray:
     from jax.experimental import multihost_utils
 
     return np.asarray(multihost_utils.process_allgather(array, tiled=True))
+
+
+def prefetch_to_device(mesh: Mesh, local_batches, size: int = 2):
+    """Yields global batches, keeping the next `size - 1` already on the devices.
+
+    Host-to-device copies are asynchronous, so building the next global batch
+    before the current one is used overlaps the transfer with the step.
+
+    Args:
+      mesh: the data mesh.
+      local_batches: iterable of this process's numpy batch dicts.
+      size: number of batches in flight (>= 1).
+    """
+    queue: collections.deque = collections.deque()
+    for batch in local_batches:
+        queue.append(global_batch(mesh, batch))
+        if len(queue) >= size:
+            yield queue.popleft()
+    while queue:
+        yield queue.popleft()

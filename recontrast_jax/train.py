@@ -518,12 +518,11 @@ def run_training(
     if step:
         logging.info("%s: resuming from step %d", category, step)
     with bar:
-        for batch in input_pipeline.iterate_numpy(dataset):
-            batch = parallel.global_batch(mesh, batch)
+        batches = input_pipeline.iterate_numpy(dataset)
+        for batch in parallel.prefetch_to_device(mesh, batches):
             state, step_metrics = step_fn(state, batch)
-            images = batch["image"]
             step += 1
-            throughput.add(images.shape[0])
+            throughput.add(batch["image"].shape[0])
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
                 scalars = host_scalars(step_metrics)
