@@ -123,10 +123,25 @@ def import_checkpoint(
 
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Config the model was trained with.")
-flags.DEFINE_string("checkpoint", None, "PyTorch state dict (.pth or .safetensors).")
-flags.DEFINE_string("workdir", None, "Workdir to write the Orbax checkpoint into.")
-flags.DEFINE_string("category", None, "Category name (default: the config's only one).")
+
+
+def define_flags() -> None:
+    """The command-line flags, defined only when run as a program.
+
+    Defining them at import would clash with `recontrast_jax.main`'s `--config`
+    flag when both modules are imported into one process (e.g. a notebook).
+    """
+    config_flags.DEFINE_config_file(
+        "config", None, "Config the model was trained with."
+    )
+    flags.DEFINE_string(
+        "checkpoint", None, "PyTorch state dict (.pth or .safetensors)."
+    )
+    flags.DEFINE_string("workdir", None, "Workdir to write the Orbax checkpoint into.")
+    flags.DEFINE_string(
+        "category", None, "Category name (default: the config's only one)."
+    )
+    flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
 
 
 def main(argv):
@@ -154,5 +169,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    flags.mark_flags_as_required(["config", "checkpoint", "workdir"])
+    define_flags()
     app.run(main)
