@@ -3,7 +3,8 @@
 For each setting, in a fresh subprocess (so peak memory is its own):
 
 * ReContrast train step (`train.compile_train_step`, state donated): compile
-  time, seconds per step, images/s;
+  time, seconds per step, images/s; also with the frozen encoder's features
+  cached (`train.frozen_cache`, the default where they fit);
 * ReContrast inference (`evaluate.compile_predict`: encoders, decoder, cosine
   maps, upsampling, blur and score in one jitted function): images/s;
 * ReConPatch/PatchCore inference (`patchcore.compile_predict`: patch features,
@@ -32,6 +33,7 @@ CHILD = textwrap.dedent(
     import json, resource, sys, time
     import jax, jax.numpy as jnp, numpy as np
     from recontrast_jax import default_config, evaluate, memory_bank, parallel, patchcore, train
+    from recontrast_jax.models import resnet
 
     setting, steps = sys.argv[1], int(sys.argv[2])
     arch, size, rc_size = {
@@ -86,6 +88,15 @@ CHILD = textwrap.dedent(
     step = train.compile_train_step(config, tx, mesh, encoder_train=True)
     measure(f"ReContrast train step ({arch}, {size} px, batch {batch})",
             step, (state, images), batch, steps, donate=True)
+    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    # Random cached features: the speed of the step does not depend on them.
+    cache = parallel.replicate(mesh, [
+        np.zeros((batch, size // s, size // s, c), np.float32)
+        for s, c in zip((4, 8, 16), resnet.get_arch(arch).stage_channels)])
+    index = parallel.global_batch(mesh, {"i": np.arange(batch, dtype=np.int32)})["i"]
+    cached = train.compile_train_step(config, tx, mesh, encoder_train=True, cached_features=True)
+    measure(f"ReContrast train step, frozen features cached ({arch}, {size} px, batch {batch})",
+            cached, (state, images, index, cache), batch, steps, donate=True)
     state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
     measure(f"ReContrast inference ({arch}, {size} px)",
             evaluate.compile_predict(config, mesh), (state, images), batch, steps)
