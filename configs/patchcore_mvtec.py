@@ -14,23 +14,13 @@ PatchCore code counts only pixels that stay exactly 1.
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
-    if category != "all" and category not in categories.MVTEC_CATEGORIES:
-        raise ValueError(f"Unknown MVTec category {category!r}.")
-    config = default_config.get_config()
+    config = default_config.mvtec_config(category)
     config.method = "patchcore"
-    config.data.source = "folder"
-    config.data.tfds_name = "mvtec_ad"
-    config.data.categories = (
-        categories.MVTEC_CATEGORIES if category == "all" else (category,)
-    )
     config.data.image_size = 256
     config.data.crop_size = 224
-    config.data.holdout_fraction = 0.0
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     config.report.title = "PatchCore on MVTec AD"
     return config

@@ -11,17 +11,6 @@ from recontrast_jax import default_config
 
 
 def get_config():
-    config = default_config.get_config()
-    config.method = "patchcore"
-    config.data.source = "embedded"
-    config.data.categories = ("brick", "grass", "gravel")
-    config.data.image_size = 96
-    config.data.crop_size = 96
-    config.model.arch = "resnet_tiny"
-    config.model.pretrained = ""
-    config.patchcore.pretrain_dim = 256
-    config.patchcore.target_dim = 256
-    config.patchcore.coreset_ratio = 0.1
-    config.eval.batch_size = 16
+    config = default_config.embedded_memory_bank_config("patchcore")
     config.report.title = "PatchCore quickstart (embedded dataset, random init)"
     return config

@@ -20,27 +20,14 @@ Paper (WRN-50, 224): image AUROC 99.56, pixel AUROC 98.18 (mean of 15 classes).
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
-    if category != "all" and category not in categories.MVTEC_CATEGORIES:
-        raise ValueError(
-            f"Unknown MVTec category {category!r}; use one of "
-            f"{categories.MVTEC_CATEGORIES} or 'all'."
-        )
-    config = default_config.get_config()
+    config = default_config.mvtec_config(category)
     config.method = "reconpatch"
-    config.data.source = "folder"
-    config.data.tfds_name = "mvtec_ad"
-    config.data.categories = (
-        categories.MVTEC_CATEGORIES if category == "all" else (category,)
-    )
     config.data.image_size = 256
     config.data.crop_size = 224
-    config.data.holdout_fraction = 0.0  # the paper uses every training image
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     config.patchcore.pretrain_dim = 1024
     config.patchcore.target_dim = 1024
     config.patchcore.coreset_ratio = 0.01

@@ -17,28 +17,15 @@ stated): 99.72 / 98.67.
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 ENSEMBLE = ("wide_resnet101_2", "resnext101_32x8d", "densenet201")
 
 
 def get_config(category: str = "all"):
-    if category != "all" and category not in categories.MVTEC_CATEGORIES:
-        raise ValueError(
-            f"Unknown MVTec category {category!r}; use one of "
-            f"{categories.MVTEC_CATEGORIES} or 'all'."
-        )
-    config = default_config.get_config()
+    config = default_config.mvtec_config(category)
     config.method = "reconpatch"
-    config.data.source = "folder"
-    config.data.tfds_name = "mvtec_ad"
-    config.data.categories = (
-        categories.MVTEC_CATEGORIES if category == "all" else (category,)
-    )
     config.data.image_size = 366
     config.data.crop_size = 320
-    config.data.holdout_fraction = 0.0
-    config.model.pretrained = "imagenet"
     config.patchcore.ensemble = ENSEMBLE
     config.patchcore.coreset_ratio = 0.01
     config.reconpatch.feature_dim = 384

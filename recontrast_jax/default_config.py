@@ -160,3 +160,45 @@ def medical_config(name: str) -> ml_collections.ConfigDict:
     config.eval.pixel_metrics = False
     config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     return config
+
+
+def mvtec_config(category: str) -> ml_collections.ConfigDict:
+    """The base of every MVTec AD config: `category` is one name or 'all'.
+
+    A folder in MVTec layout (`data.root`; `--config.data.source=tfds` uses the
+    `mvtec_ad` builder), the V1 ImageNet weights, and every normal image used
+    for training as in the papers (thresholds then come from training images).
+    """
+    from recontrast_jax.data import categories
+
+    if category != "all" and category not in categories.MVTEC_CATEGORIES:
+        raise ValueError(
+            f"Unknown MVTec category {category!r}; use one of "
+            f"{categories.MVTEC_CATEGORIES} or 'all'."
+        )
+    config = get_config()
+    config.data.source = "folder"
+    config.data.tfds_name = "mvtec_ad"
+    config.data.categories = (
+        categories.MVTEC_CATEGORIES if category == "all" else (category,)
+    )
+    config.data.holdout_fraction = 0.0
+    config.model.pretrained = "imagenet"
+    return config
+
+
+def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:
+    """PatchCore/ReConPatch quickstart base: embedded data, random-init tiny encoder."""
+    config = get_config()
+    config.method = method
+    config.data.source = "embedded"
+    config.data.categories = ("brick", "grass", "gravel")
+    config.data.image_size = 96
+    config.data.crop_size = 96
+    config.model.arch = "resnet_tiny"
+    config.model.pretrained = ""
+    config.patchcore.pretrain_dim = 256
+    config.patchcore.target_dim = 256
+    config.patchcore.coreset_ratio = 0.1
+    config.eval.batch_size = 16
+    return config
