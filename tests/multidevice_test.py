@@ -3,12 +3,15 @@
 Each run happens in a subprocess because the device count is fixed when JAX
 starts (`XLA_FLAGS=--xla_force_host_platform_device_count=N`).
 
-The runs use Adam eps=1e-4 instead of the paper's 1e-8. With eps=1e-8, Adam's
-first step turns a gradient entry that is zero up to float32 summation noise
-(|g| ~ 1e-8, different on 1 and 2 devices because the reduction order differs)
-into a step of up to lr/2; that is a property of the optimiser in float32 (it
-happens in PyTorch across GPU counts too), not of the data-parallel code, and
-would hide real differences of the step behind it.
+The runs use Adam eps=1e-2 instead of the paper's 1e-8, and 64 px images (so
+the tiny model's deepest BatchNorm sees more than one pixel per image). Adam
+divides each gradient entry by its own magnitude plus eps: an entry whose
+gradient is small turns float32 summation noise (which differs between 1 and 2
+devices because the reduction order differs, ~1e-7 relative) into a visible
+step difference. With eps=1e-4 that left parameter differences of up to 2e-4
+after 4 steps in a few decoder entries; with eps=1e-2 the runs agree to 2.4e-7,
+which is what the data-parallel code itself must deliver. The amplification is
+a property of the optimiser in float32 (PyTorch shows it across GPU counts too).
 """
 
 import os
@@ -28,17 +31,17 @@ RUN_STEPS = textwrap.dedent(
     config = default_config.get_config()
     config.model.arch = "resnet_tiny"
     config.train.steps = 20
-    config.optimizer.eps = 1e-4
+    config.optimizer.eps = 1e-2
     mesh = parallel.make_mesh()
     assert jax.device_count() == int(sys.argv[2]), jax.devices()
     tx = train.make_optimizer(config.optimizer)
-    state = train.create_train_state("resnet_tiny", 32, tx, jax.random.key(0))
+    state = train.create_train_state("resnet_tiny", 64, tx, jax.random.key(0))
     state = parallel.replicate(mesh, state)
     step = train.compile_train_step(config, tx, mesh, encoder_train=True)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(4):
-        images = rng.normal(size=(4, 32, 32, 3)).astype(np.float32)
+        images = rng.normal(size=(8, 64, 64, 3)).astype(np.float32)
         batch = parallel.global_batch(mesh, {"image": images})
         state, metrics = step(state, batch["image"])
         losses.append(float(metrics["loss"]))
