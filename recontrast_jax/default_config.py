@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
+# Methods that score against a memory bank of patch features (patchcore.py).
+MEMORY_BANK_METHODS = ("patchcore", "reconpatch")
+
 # ReContrast's MVTec script keeps the encoder BatchNorm in eval mode for these.
 MVTEC_ENCODER_BN_EVAL = ("toothbrush", "leather", "grid", "tile", "wood", "screw")
 # ... and its VisA script for these.

@@ -40,9 +40,8 @@ def predict(
     compute = layers.compute_dtype(dtype)
     cast = functools.partial(layers.cast_floating, dtype=compute)
     variables = {"params": cast(state.params), "batch_stats": state.batch_stats}
-    frozen = {**state.frozen, "params": cast(state.frozen["params"])}
     images_c = images.astype(compute)
-    frozen_features = recontrast.frozen_encoder_features(arch, frozen, images_c)
+    frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images_c)
     targets, recons = recontrast.ReContrast(arch).apply(
         variables, images_c, frozen_features, train=False, encoder_train=False
     )
@@ -51,18 +50,22 @@ def predict(
     return maps, anomaly_maps.image_scores(maps, score_rule, max_ratio)
 
 
-def compile_predict(config: ml_collections.ConfigDict, mesh):
-    """Jits `predict` with the config's static settings over the mesh."""
-    fn = functools.partial(
+def configured_predict(config: ml_collections.ConfigDict):
+    """`predict(state, images)` with the config's static settings bound."""
+    return functools.partial(
         predict,
         arch=config.model.arch,
-        sigma=config.eval.sigma,
+        sigma=float(config.eval.sigma),
         score_rule=config.eval.score_rule,
-        max_ratio=config.eval.max_ratio,
+        max_ratio=float(config.eval.max_ratio),
         dtype=config.model.dtype,
     )
+
+
+def compile_predict(config: ml_collections.ConfigDict, mesh):
+    """Jits `predict` with the config's static settings over the mesh."""
     return jax.jit(
-        fn,
+        configured_predict(config),
         in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
         out_shardings=(parallel.batch_sharding(mesh), parallel.batch_sharding(mesh)),
     )

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, reports
+from recontrast_jax import default_config, evaluate, reports
 
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.jax_export"
@@ -138,24 +138,16 @@ def inference_fn(
 
 def _model_fn(state, config: ml_collections.ConfigDict):
     """`normalised images -> (maps, scores)` with the host variables closed over."""
-    if config.method in ("patchcore", "reconpatch"):
+    if config.method in default_config.MEMORY_BANK_METHODS:
         from recontrast_jax import patchcore
 
-        models = jax.device_get(state)  # the fitted memory-bank models
-        settings = tuple(
-            patchcore.feature_settings(config, a)
-            for a in patchcore.ensemble_archs(config)
-        )
+        # `state` is the list of fitted memory-bank models.
         return functools.partial(
-            patchcore.predict, models, settings=settings,
-            crop=int(config.data.crop_size), sigma=float(config.eval.sigma),
-        )  # fmt: skip
-    variables = _host_variables(state)
+            patchcore.configured_predict(config), jax.device_get(state)
+        )
     return functools.partial(
-        evaluate.predict, variables, arch=config.model.arch,
-        sigma=float(config.eval.sigma), score_rule=config.eval.score_rule,
-        max_ratio=float(config.eval.max_ratio), dtype=config.model.dtype,
-    )  # fmt: skip
+        evaluate.configured_predict(config), _host_variables(state)
+    )
 
 
 def _input_spec(image_size: int) -> jax.ShapeDtypeStruct:
@@ -328,7 +320,7 @@ def _restore(config, workdir: str, category: str):
     """The category's model (any method) and its training step."""
     from recontrast_jax import parallel, train
 
-    if config.method in ("patchcore", "reconpatch"):
+    if config.method in default_config.MEMORY_BANK_METHODS:
         from recontrast_jax import patchcore
 
         return patchcore.restore_models(config, workdir, category), None

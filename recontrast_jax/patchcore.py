@@ -42,7 +42,6 @@ from recontrast_jax import (
 from recontrast_jax.data import input_pipeline, sources
 from recontrast_jax.models import backbones, reconpatch
 
-METHODS = ("patchcore", "reconpatch")
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimate of a normal's std
 IDENTITY_NORMALIZATION = (0.0, 1.0, 0.0, 1.0)  # image median, MAD; pixel median, MAD
 
@@ -151,21 +150,30 @@ def predict(
     return jnp.mean(jnp.stack(maps), axis=0), jnp.mean(jnp.stack(scores), axis=0)
 
 
+def configured_predict(config: ml_collections.ConfigDict, archs=None):
+    """`predict(models, images)` with the config's static settings bound.
+
+    Args:
+      config: run config.
+      archs: the backbones of `models` (default: those of the config).
+    """
+    return functools.partial(
+        predict,
+        settings=tuple(feature_settings(config, a) for a in archs or ensemble_archs(config)),
+        crop=int(config.data.crop_size),
+        sigma=float(config.eval.sigma),
+    )  # fmt: skip
+
+
 def compile_predict(config: ml_collections.ConfigDict, mesh, archs=None):
     """`predict` jitted over the mesh: models replicated, images sharded.
 
     Every device scores its own images against the whole bank (`shard_map`), so
     the nearest-neighbour search needs no communication.
     """
-    fn = functools.partial(
-        predict,
-        settings=tuple(feature_settings(config, a) for a in archs or ensemble_archs(config)),
-        crop=int(config.data.crop_size),
-        sigma=float(config.eval.sigma),
-    )  # fmt: skip
     batch = jax.sharding.PartitionSpec(parallel.DATA_AXIS)
     per_device = jax.shard_map(
-        fn,
+        configured_predict(config, archs),
         mesh=mesh,
         in_specs=(jax.sharding.PartitionSpec(), batch),
         out_specs=batch,

@@ -22,7 +22,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, parallel, reports, thresholds, train
+from recontrast_jax import (
+    default_config,
+    evaluate,
+    parallel,
+    reports,
+    thresholds,
+    train,
+)
 from recontrast_jax.data import folder, sources
 
 
@@ -69,7 +76,7 @@ def predict_category(
 def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
     """Scores `samples` with the category's saved model (any method)."""
     mesh = parallel.make_mesh()
-    if config.method in ("patchcore", "reconpatch"):
+    if config.method in default_config.MEMORY_BANK_METHODS:
         from recontrast_jax import patchcore
 
         models = patchcore.restore_models(config, workdir, category)

@@ -163,12 +163,10 @@ def epoch_order(seed: int, epoch: int, num_patches: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_patches)
 
 
-def local_batch(pool: np.ndarray, order: np.ndarray, index: int, size: int):
-    """This process's slice of global batch `index` of an epoch."""
-    rows = order[index * size : (index + 1) * size]
-    per_process = size // jax.process_count()
-    start = jax.process_index() * per_process
-    return pool[np.sort(rows[start : start + per_process])]
+def local_batch(pool: np.ndarray, order: np.ndarray, index: int, size: int, mesh):
+    """This process's rows of global batch `index` of an epoch."""
+    rows = parallel.process_part(mesh, order[index * size : (index + 1) * size])
+    return pool[np.sort(rows)]
 
 
 def train_modulation(
@@ -200,6 +198,7 @@ def train_modulation(
     per_epoch = steps_per_epoch(len(pool), batch)
     total = cfg.epochs * per_epoch
     tx = make_optimizer(cfg, per_epoch)
+    schedule = cosine_per_epoch(cfg.lr, cfg.epochs, per_epoch)  # for logging
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state = parallel.replicate(mesh, init_state(cfg, pool.shape[1], tx, key))
     restored = checkpointing.restore_latest(ckpt, {"modulation": state})
@@ -218,22 +217,17 @@ def train_modulation(
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
                 order_epoch, order = epoch, epoch_order(config.seed, epoch, len(pool))
-            patches = local_batch(pool, order, index, batch)
+            patches = local_batch(pool, order, index, batch, mesh)
             sharded = parallel.global_batch(mesh, {"patches": patches})["patches"]
             state, metrics = step_fn(state, sharded)
             step += 1
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                scalars["lr"] = float(tx_lr(cfg, per_epoch, step - 1))
+                scalars["lr"] = float(schedule(step - 1))
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 if writer is not None:
                     writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
             if step % config.checkpoint.every == 0 and step < total:
                 save_fn(step, state)
     return jax.device_get(state.params), {**scalars, "steps": float(total)}
-
-
-def tx_lr(cfg, steps_in_epoch: int, step: int) -> float:
-    """The learning rate used at `step` (for logging)."""
-    return float(cosine_per_epoch(cfg.lr, cfg.epochs, steps_in_epoch)(step))

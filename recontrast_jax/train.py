@@ -23,6 +23,7 @@ from absl import logging
 
 from recontrast_jax import (
     checkpointing,
+    default_config,
     evaluate,
     losses,
     parallel,
@@ -154,11 +155,7 @@ def train_step(
     compute = layers.compute_dtype(dtype)
     images = images.astype(compute)
     if frozen_features is None:
-        frozen = {
-            **state.frozen,
-            "params": layers.cast_floating(state.frozen["params"], compute),
-        }
-        frozen_features = recontrast.frozen_encoder_features(arch, frozen, images)
+        frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
     frozen_features = [f.astype(compute) for f in frozen_features]
     model = recontrast.ReContrast(arch)
 
@@ -284,7 +281,8 @@ def frozen_feature_cache(config, state: TrainState, samples, mesh) -> list[jax.A
         crop_size=config.data.crop_size,
     )
     levels: list[list[np.ndarray]] = [[], [], []]
-    frozen = jax.device_get(state.frozen)
+    # One copy on this process's default device, not a host copy sent per batch.
+    frozen = jax.device_put(jax.device_get(state.frozen))
     for batch in input_pipeline.iterate_numpy(dataset):
         valid = batch["valid"]
         for level, f in zip(levels, features_fn(frozen, batch["image"]), strict=True):
@@ -650,7 +648,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     mesh = parallel.make_mesh()
     results = {}
     for category in sources.category_names(config):
-        if config.method in ("patchcore", "reconpatch"):
+        if config.method in default_config.MEMORY_BANK_METHODS:
             from recontrast_jax import patchcore
 
             results[category] = patchcore.run_category(config, workdir, category, mesh)

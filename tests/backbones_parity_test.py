@@ -18,6 +18,7 @@ torchvision = pytest.importorskip("torchvision")
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+from backbones_test import to_legacy_key  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from recontrast_jax import pretrained  # noqa: E402
@@ -53,16 +54,6 @@ def numpy_state_dict(model):
         k: np.ascontiguousarray(v.detach().numpy().copy())
         for k, v in model.state_dict().items()
     }
-
-
-def to_legacy_densenet_key(key):
-    """The old torchvision naming: `denselayerN.norm1.` was `denselayerN.norm.1.`."""
-    if ".denselayer" not in key:
-        return key
-    for module in ("norm", "conv"):
-        for index in ("1", "2"):
-            key = key.replace(f".{module}{index}.", f".{module}.{index}.")
-    return key
 
 
 def flax_template(arch):
@@ -166,7 +157,7 @@ def test_densenet201_matches_torchvision_including_legacy_pth(tmp_path):
     new_style = tmp_path / "densenet201.safetensors"
     save_file(state_dict, str(new_style))
     legacy = tmp_path / "densenet201_legacy.pth"
-    legacy_keys = {to_legacy_densenet_key(k): v for k, v in state_dict.items()}
+    legacy_keys = {to_legacy_key(k): v for k, v in state_dict.items()}
     assert "features.denseblock3.denselayer48.conv.2.weight" in legacy_keys
     torch.save({k: torch.from_numpy(v) for k, v in legacy_keys.items()}, legacy)
 

@@ -110,8 +110,9 @@ def test_cosine_schedule_is_per_epoch_like_cosine_annealing_lr():
 
 def test_batches_cover_the_pool_once_per_epoch():
     order = reconpatch_train.epoch_order(3, 1, 50)
+    mesh = parallel.make_mesh()
     seen = np.concatenate(
-        [reconpatch_train.local_batch(np.arange(50)[:, None], order, i, 16)[:, 0]
+        [reconpatch_train.local_batch(np.arange(50)[:, None], order, i, 16, mesh)[:, 0]
          for i in range(reconpatch_train.steps_per_epoch(50, 16))]
     )  # fmt: skip
     assert len(seen) == 48 and len(set(seen.tolist())) == 48

@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recontrast_jax.models import layers
 from recontrast_jax.models.de_resnet import Decoder, FusionBottleneck
 from recontrast_jax.models.resnet import ResNetEncoder
 
@@ -80,8 +81,14 @@ class ReContrast(nn.Module):
 def frozen_encoder_features(
     arch: str, frozen_variables: Variables, x: jax.Array
 ) -> list[jax.Array]:
-    """Features of the frozen encoder: inference-mode BatchNorm, no gradient."""
-    features = ResNetEncoder(arch).apply(frozen_variables, x, train=False)
+    """Features of the frozen encoder: inference-mode BatchNorm, no gradient.
+
+    The convolutions run in `x`'s dtype (float32 parameters are cast to it);
+    BatchNorm statistics stay float32.
+    """
+    params = layers.cast_floating(frozen_variables["params"], x.dtype)
+    variables = {**frozen_variables, "params": params}
+    features = ResNetEncoder(arch).apply(variables, x, train=False)
     return [jax.lax.stop_gradient(f) for f in features]
 
 
