@@ -11,7 +11,11 @@ For each setting, in a fresh subprocess (so peak memory is its own):
   f, kNN against a 1% bank of the training patches, maps): images/s;
 * FLOPs of each compiled function from XLA's cost analysis, divided by its
   measured time, next to the float32 matmul GFLOP/s measured in the same run
-  (a 2048^3 `jnp.dot`, best of 5): the utilisation ratio.
+  (a 2048^3 `jnp.dot`, best of 5): the utilisation ratio;
+* the bytes each function moves (XLA's "bytes accessed") and the host memory
+  bandwidth measured in the same run (a jitted scale-and-add over 256 MB), which
+  give the roofline ceiling on utilisation: the matmul-bound time over
+  max(matmul-bound time, bandwidth-bound time).
 
 Settings: `quickstart` (resnet_tiny, 96 px, batch 16), `paper` (wide_resnet50_2,
 256 px, batch 16 for ReContrast; 224 px for ReConPatch). Random weights and
@@ -52,6 +56,13 @@ CHILD = textwrap.dedent(
         best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(5))
         return 2 * n**3 / best / 1e9
 
+    def bandwidth_gbs(mb=256):
+        a = jnp.ones((mb * 2**20 // 4,), jnp.float32)
+        f = jax.jit(lambda x: x * 1.0001 + 1.0)
+        f(a).block_until_ready()
+        best = min(_timed(lambda: f(a).block_until_ready()) for _ in range(5))
+        return 2 * a.nbytes / best / 1e9
+
     def _timed(fn):
         start = time.perf_counter()
         fn()
@@ -61,7 +72,9 @@ CHILD = textwrap.dedent(
         start = time.perf_counter()
         compiled = jitted.lower(*args).compile()
         compile_s = time.perf_counter() - start
-        flops = float((compiled.cost_analysis() or {}).get("flops", float("nan")))
+        cost = compiled.cost_analysis() or {}
+        flops = float(cost.get("flops", float("nan")))
+        gbytes = float(cost.get("bytes accessed", float("nan"))) / 1e9
         times = []
         for _ in range(repeats):
             start = time.perf_counter()
@@ -72,10 +85,11 @@ CHILD = textwrap.dedent(
                 args = (out[0],) + tuple(args[1:])
         seconds = float(np.median(times))
         rows.append(dict(name=name, compile_s=compile_s, seconds=seconds,
-                         images_per_s=images / seconds, gflop=flops / 1e9,
+                         images_per_s=images / seconds, gflop=flops / 1e9, gbytes=gbytes,
                          gflops=flops / seconds / 1e9))
 
     peak_matmul = matmul_gflops()
+    bandwidth = bandwidth_gbs()
 
     # ReContrast train step and inference.
     config = default_config.get_config()
@@ -122,9 +136,16 @@ CHILD = textwrap.dedent(
             patchcore.compile_predict(config, mesh), ([model], rc_images), batch, steps)
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-    print(json.dumps(dict(setting=setting, matmul_gflops=peak_matmul, peak_gib=peak, rows=rows)))
+    print(json.dumps(dict(setting=setting, matmul_gflops=peak_matmul,
+                     bandwidth_gbs=bandwidth, peak_gib=peak, rows=rows)))
     """
 )
+
+
+def roofline_ceiling(gflop: float, gbytes: float, gflops: float, gbs: float) -> float:
+    """Best reachable fraction of the matmul rate when moving `gbytes` at `gbs`."""
+    compute_s, memory_s = gflop / gflops, gbytes / gbs
+    return compute_s / max(compute_s, memory_s)
 
 
 def run(setting: str, steps: int) -> dict:
@@ -143,21 +164,24 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     print(
-        "| what | compile | time per batch | images/s | GFLOP per batch | GFLOP/s | of matmul peak |"
+        "| what | compile | time per batch | images/s | GFLOP per batch | GFLOP/s "
+        "| of matmul peak | GB moved | roofline ceiling |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for setting in args.settings.split(","):
         result = run(setting, args.steps)
-        peak = result["matmul_gflops"]
+        peak, bandwidth = result["matmul_gflops"], result["bandwidth_gbs"]
         for r in result["rows"]:
+            ceiling = roofline_ceiling(r["gflop"], r["gbytes"], peak, bandwidth)
             print(
                 f"| {r['name']} | {r['compile_s']:.1f} s | {r['seconds']:.3f} s | "
                 f"{r['images_per_s']:.1f} | {r['gflop']:.1f} | {r['gflops']:.1f} | "
-                f"{r['gflops'] / peak:.0%} |"
+                f"{r['gflops'] / peak:.0%} | {r['gbytes']:.1f} | {ceiling:.0%} |"
             )
         print(
-            f"| ({setting}: float32 matmul {peak:.1f} GFLOP/s, "
-            f"peak host memory {result['peak_gib']:.2f} GiB) | | | | | | |"
+            f"| ({setting}: float32 matmul {peak:.1f} GFLOP/s, memory bandwidth "
+            f"{bandwidth:.1f} GB/s, peak host memory {result['peak_gib']:.2f} GiB) "
+            "| | | | | | | | |"
         )
 
 

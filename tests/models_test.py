@@ -1,5 +1,6 @@
 """Model tests: parameter counts, shapes, PyTorch layer semantics, pairing."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -134,6 +135,68 @@ def test_conv_padding_is_symmetric_like_pytorch(kernel, stride, size):
     np.testing.assert_allclose(
         np.asarray(y), naive_conv_nhwc(x, w, stride, kernel // 2), atol=1e-4
     )
+
+
+@pytest.mark.parametrize("stride, size", [(2, 8), (2, 7), (1, 6)])
+def test_conv3x3_gradients_match_xla_convolution(stride, size):
+    """Values and both gradients of `conv3x3` against XLA's own convolution."""
+    rng = np.random.default_rng(size + stride)
+    x = jnp.asarray(rng.normal(size=(3, size, size + 1, 4)).astype(np.float32))
+    kernel = jnp.asarray(rng.normal(size=(3, 3, 4, 5)).astype(np.float32))
+    probe = jnp.asarray(
+        rng.normal(size=layers.conv3x3(x, kernel, stride).shape).astype(np.float32)
+    )
+
+    def xla_conv(x, kernel):
+        return jax.lax.conv_general_dilated(
+            x,
+            kernel,
+            (stride, stride),
+            ((1, 1), (1, 1)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+
+    def loss(conv):
+        return lambda x, kernel: jnp.sum(jnp.tanh(conv(x, kernel)) * probe)
+
+    ours = jax.jit(
+        jax.value_and_grad(loss(lambda x, k: layers.conv3x3(x, k, stride)), (0, 1))
+    )(x, kernel)
+    reference = jax.jit(jax.value_and_grad(loss(xla_conv), (0, 1)))(x, kernel)
+    for got, expected in zip(
+        jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
+    ):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_pointwise_conv_with_bias_is_a_1x1_conv_plus_bias(stride):
+    rng = np.random.default_rng(stride)
+    x = rng.normal(size=(2, 6, 5, 3)).astype(np.float32)
+    w = rng.normal(size=(4, 3, 1, 1)).astype(np.float32)
+    bias = rng.normal(size=(4,)).astype(np.float32)
+    module = layers.PointwiseConv(4, stride, use_bias=True)
+    params = {"kernel": jnp.asarray(w.transpose(2, 3, 1, 0)), "bias": bias}
+    y = module.apply({"params": params}, x)
+    np.testing.assert_allclose(
+        np.asarray(y), naive_conv_nhwc(x, w, stride, 0) + bias, atol=1e-5
+    )
+
+
+def test_pointwise_conv_parameters_are_those_of_nn_conv():
+    """Same names, shapes and initial values: checkpoints stay interchangeable."""
+    x = jnp.ones((1, 4, 4, 6))
+    key = jax.random.key(0)
+    bias_init = layers.torch_default_bias_init(6)
+    reference = nn.Conv(
+        6, (1, 1), kernel_init=layers.conv_kernel_init, bias_init=bias_init
+    ).init(key, x)
+    ours = layers.PointwiseConv(6, use_bias=True).init(key, x)
+    for got, expected in zip(
+        jax.tree.leaves(ours), jax.tree.leaves(reference), strict=True
+    ):
+        np.testing.assert_array_equal(got, expected)
+    assert jax.tree.structure(ours) == jax.tree.structure(reference)
 
 
 def test_transposed_conv_matches_pytorch_formula():

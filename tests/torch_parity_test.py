@@ -264,3 +264,30 @@ def test_transposed_conv_matches_torch_conv_transpose2d():
         jnp.asarray(x.numpy().transpose(0, 2, 3, 1)),
     )
     np.testing.assert_allclose(np.asarray(got), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 7), (2, 8), (2, 9)])
+def test_conv3x3_and_its_gradients_match_torch_conv2d(stride, size):
+    from recontrast_jax.models import layers
+
+    torch.manual_seed(stride + size)
+    module = torch.nn.Conv2d(4, 6, 3, stride=stride, padding=1, bias=False)
+    x = torch.randn(2, 4, size, size + 1, requires_grad=True)
+    out = module(x)
+    probe = torch.randn_like(out)
+    (out * probe).sum().backward()
+
+    def loss(x, kernel):
+        y = layers.conv3x3(x, kernel, stride)
+        return jnp.sum(y * jnp.asarray(probe.numpy().transpose(0, 2, 3, 1)))
+
+    kernel = pretrained.to_flax_layout(module.weight.detach().numpy())
+    x_nhwc = jnp.asarray(x.detach().numpy().transpose(0, 2, 3, 1))
+    value, (grad_x, grad_kernel) = jax.value_and_grad(loss, (0, 1))(
+        x_nhwc, jnp.asarray(kernel)
+    )
+    np.testing.assert_allclose(value, float((out * probe).sum().detach()), rtol=1e-5)
+    np.testing.assert_allclose(grad_x, x.grad.numpy().transpose(0, 2, 3, 1), atol=1e-5)
+    np.testing.assert_allclose(
+        grad_kernel, pretrained.to_flax_layout(module.weight.grad.numpy()), atol=1e-4
+    )

@@ -14,9 +14,8 @@ import jax.numpy as jnp
 
 from recontrast_jax.models.layers import (
     BatchNorm,
+    PointwiseConv,
     conv,
-    conv_kernel_init,
-    torch_default_bias_init,
     transposed_conv2x2,
 )
 from recontrast_jax.models.resnet import ArchSpec, get_arch, run_stage
@@ -140,13 +139,4 @@ class Decoder(nn.Module):
 
 def output_head(x: jax.Array, name: str) -> jax.Array:
     """A 1x1 conv with bias (kaiming fan_out kernel, PyTorch default bias)."""
-    channels = x.shape[-1]
-    head = nn.Conv(
-        channels,
-        (1, 1),
-        use_bias=True,
-        kernel_init=conv_kernel_init,
-        bias_init=torch_default_bias_init(channels),
-        name=name,
-    )
-    return head(x)
+    return PointwiseConv(x.shape[-1], use_bias=True, name=name)(x)

@@ -6,6 +6,7 @@ Parameter names follow Flax conventions (`kernel`, `scale`, `bias`, batch stats
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -119,12 +120,132 @@ def cast_floating(tree, dtype):
 
 
 class PointwiseConv(nn.Module):
-    """A bias-free 1x1 conv (stride 1 or 2, no padding) computed as a matmul.
+    """A 1x1 conv (stride 1 or 2, no padding, optional bias) computed as a matmul.
 
-    The same `kernel` (1, 1, in, out) and initialisation as `nn.Conv`, so
-    checkpoints and weight conversion are unchanged; XLA's CPU convolution is
-    2-4x slower than its matmul for 1x1 kernels. A stride keeps every
-    stride-th pixel, as a strided 1x1 conv does.
+    The same `kernel` (1, 1, in, out), `bias` (out,) and initialisation as
+    `nn.Conv`, so checkpoints and weight conversion are unchanged; XLA's CPU
+    convolution (and its weight gradient) is 2-4x slower than its matmul for
+    1x1 kernels. A stride keeps every stride-th pixel, as a strided 1x1 conv
+    does.
+
+    Attributes:
+      features: output channels.
+      stride: stride in both directions.
+      use_bias: add a bias, initialised as PyTorch's default conv bias.
+    """
+
+    features: int
+    stride: int = 1
+    use_bias: bool = False
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32
+        ).astype(x.dtype)
+        if self.stride > 1:
+            x = x[:, :: self.stride, :: self.stride, :]
+        y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        if self.use_bias:
+            bias = self.param(
+                "bias", torch_default_bias_init(x.shape[-1]), (self.features,)
+            )
+            y = y + bias.astype(y.dtype)
+        return y
+
+
+def _pad_same3(x: jax.Array) -> jax.Array:
+    """Zero padding of 1 pixel on each side of H and W (PyTorch's padding=1)."""
+    return jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+
+
+def _tap_views(x: jax.Array, stride: int) -> list[jax.Array]:
+    """The 9 shifted, strided views of padded `x` that a 3x3 conv multiplies.
+
+    View t = 3 i + j is tap (i, j): (B, H', W', C) with H' = (H - 1) // stride + 1,
+    the conv's output size.
+    """
+    height = (x.shape[1] - 1) // stride + 1
+    width = (x.shape[2] - 1) // stride + 1
+    padded = _pad_same3(x)
+    return [
+        padded[
+            :,
+            i : i + stride * (height - 1) + 1 : stride,
+            j : j + stride * (width - 1) + 1 : stride,
+            :,
+        ]
+        for i in range(3)
+        for j in range(3)
+    ]
+
+
+def _xla_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    return jax.lax.conv_general_dilated(
+        x,
+        kernel,
+        (stride, stride),
+        ((1, 1), (1, 1)),
+        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+    )
+
+
+def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 3x3 conv with padding 1 (NHWC, HWIO), as `lax.conv_general_dilated`.
+
+    Stride 1 is XLA's convolution; stride 2 is `strided_conv3x3`, the same
+    values up to float summation order.
+    """
+    if stride == 1:
+        return _xla_conv3x3(x, kernel, 1)
+    return strided_conv3x3(x, kernel, stride)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def strided_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A strided 3x3 conv computed the way XLA's CPU backend runs it fastest.
+
+    Forward and kernel gradient are one matmul each over the 9 stacked tap
+    views (im2col); XLA's strided convolution is ~2x slower, and its kernel
+    gradient, which transposes the activations first, 2-2.8x slower. The input
+    gradient stays XLA's transposed convolution. The stacked views are rebuilt
+    in the backward pass rather than kept (they are 9/stride^2 times the input).
+    """
+    cols = _stacked_taps(x, stride)
+    return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(-1, kernel.shape[-1]))
+
+
+def _stacked_taps(x: jax.Array, stride: int) -> jax.Array:
+    return jnp.concatenate(_tap_views(x, stride), axis=-1)
+
+
+def _strided_conv3x3_fwd(x, kernel, stride):
+    return strided_conv3x3(x, kernel, stride), (x, kernel)
+
+
+def _strided_conv3x3_bwd(stride, residuals, grad):
+    x, kernel = residuals
+    _, input_vjp = jax.vjp(lambda a: _xla_conv3x3(a, kernel, stride), x)
+    (grad_x,) = input_vjp(grad)
+    # Under a sharded batch the sum over pixels is a cross-device reduction to
+    # the kernel's (replicated) layout, which must be named.
+    grad_kernel = jnp.einsum(
+        "bhwk,bhwo->ko",
+        _stacked_taps(x, stride),
+        grad,
+        out_sharding=jax.typeof(kernel).sharding,
+    )
+    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+strided_conv3x3.defvjp(_strided_conv3x3_fwd, _strided_conv3x3_bwd)
+
+
+class Conv3x3(nn.Module):
+    """A bias-free 3x3 conv with padding 1 and stride 1 or 2 (see `conv3x3`).
+
+    The same `kernel` (3, 3, in, out) and initialisation as `nn.Conv`, so
+    checkpoints and weight conversion are unchanged.
 
     Attributes:
       features: output channels.
@@ -137,11 +258,9 @@ class PointwiseConv(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param(
-            "kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32
+            "kernel", conv_kernel_init, (3, 3, x.shape[-1], self.features), jnp.float32
         ).astype(x.dtype)
-        if self.stride > 1:
-            x = x[:, :: self.stride, :: self.stride, :]
-        return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        return conv3x3(x, kernel, self.stride)
 
 
 def conv(
@@ -162,10 +281,12 @@ def conv(
         (k, k, in // groups, features), the transposed PyTorch weight.
 
     Returns:
-      The `nn.Conv` module.
+      `PointwiseConv` (1x1), `Conv3x3` (ungrouped 3x3) or `nn.Conv`.
     """
     if kernel == 1 and groups == 1:
         return PointwiseConv(features, stride, name=name)
+    if kernel == 3 and groups == 1 and stride in (1, 2):
+        return Conv3x3(features, stride, name=name)
     pad = kernel // 2
     return nn.Conv(
         features,
