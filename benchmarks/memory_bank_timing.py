@@ -17,10 +17,9 @@ asserts nothing.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 import textwrap
+
+import fresh_process
 
 CHILD = textwrap.dedent(
     """
@@ -66,21 +65,7 @@ CHILD = textwrap.dedent(
 
 
 def run(what: str, args) -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            CHILD,
-            what,
-            str(args.n),
-            str(args.dim),
-            str(args.ratio),
-        ],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process.run_json(CHILD, what, args.n, args.dim, args.ratio)
 
 
 def main() -> None:

@@ -27,10 +27,9 @@ Prints one markdown table; asserts nothing.
 """
 
 import argparse
-import json
-import subprocess
-import sys
 import textwrap
+
+import fresh_process
 
 CHILD = textwrap.dedent(
     """
@@ -149,13 +148,7 @@ def roofline_ceiling(gflop: float, gbytes: float, gflops: float, gbs: float) -> 
 
 
 def run(setting: str, steps: int) -> dict:
-    out = subprocess.run(
-        [sys.executable, "-c", CHILD, setting, str(steps)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process.run_json(CHILD, setting, steps)
 
 
 def main() -> None:
