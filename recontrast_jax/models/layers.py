@@ -190,56 +190,68 @@ def _xla_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     )
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """A 3x3 conv with padding 1 (NHWC, HWIO), as `lax.conv_general_dilated`.
 
-    Stride 1 is XLA's convolution; stride 2 is `strided_conv3x3`, the same
-    values up to float summation order.
+    The same values and gradients up to float summation order, computed the
+    way XLA's CPU backend runs them fastest:
+
+    * forward: XLA's convolution at stride 1; at stride 2 one matmul over the
+      9 stacked tap views (im2col), 1.5x faster at 64x64 with 256 channels;
+    * input gradient: XLA's transposed convolution;
+    * kernel gradient: three matmuls, one per kernel row, each over that
+      row's 3 stacked tap views. XLA's own kernel gradient transposes the
+      activations and runs at 6-13 GFLOP/s at wide_resnet50_2's stride-1
+      shapes on a 2-core AVX2 host; the row matmuls are 3-6x faster there
+      (`benchmarks/conv_kernel_gradient.py`).
+
+    The tap views are rebuilt in the backward pass rather than kept (they
+    are 9/stride^2 times the input).
     """
+    return _conv3x3_forward(x, kernel, stride)
+
+
+def _conv3x3_forward(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     if stride == 1:
         return _xla_conv3x3(x, kernel, 1)
-    return strided_conv3x3(x, kernel, stride)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def strided_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """A strided 3x3 conv computed the way XLA's CPU backend runs it fastest.
-
-    Forward and kernel gradient are one matmul each over the 9 stacked tap
-    views (im2col). On CPU, XLA's kernel gradient, which transposes the
-    activations first, is 2.1-3x slower at wide_resnet50_2's shapes, and its
-    forward plus backward 1.5x slower at 64x64 with 256 channels. The input
-    gradient stays XLA's transposed convolution. The stacked views are rebuilt
-    in the backward pass rather than kept (they are 9/stride^2 times the input).
-    """
-    cols = _stacked_taps(x, stride)
+    cols = jnp.concatenate(_tap_views(x, stride), axis=-1)
     return jnp.einsum("bhwk,ko->bhwo", cols, kernel.reshape(-1, kernel.shape[-1]))
 
 
-def _stacked_taps(x: jax.Array, stride: int) -> jax.Array:
-    return jnp.concatenate(_tap_views(x, stride), axis=-1)
+def conv3x3_kernel_gradient(
+    x: jax.Array, grad: jax.Array, stride: int, kernel: jax.Array
+) -> jax.Array:
+    """d(loss)/d(kernel) of `conv3x3(x, kernel, stride)` given the output's `grad`.
+
+    One matmul per kernel row i: the 3 tap views (i, 0..2) stacked along
+    channels, contracted with `grad` over batch and pixels.
+    """
+    views = _tap_views(x, stride)
+    rows = []
+    for i in range(3):
+        cols = jnp.concatenate(views[3 * i : 3 * i + 3], axis=-1)
+        # Under a sharded batch the sum over pixels is a cross-device reduction
+        # to the kernel's (replicated) layout, which must be named.
+        row = jnp.einsum(
+            "bhwk,bhwo->ko", cols, grad, out_sharding=jax.typeof(kernel).sharding
+        )
+        rows.append(row.reshape(kernel.shape[1:]))
+    return jnp.stack(rows).astype(kernel.dtype)
 
 
-def _strided_conv3x3_fwd(x, kernel, stride):
-    return strided_conv3x3(x, kernel, stride), (x, kernel)
+def _conv3x3_fwd(x, kernel, stride):
+    return _conv3x3_forward(x, kernel, stride), (x, kernel)
 
 
-def _strided_conv3x3_bwd(stride, residuals, grad):
+def _conv3x3_bwd(stride, residuals, grad):
     x, kernel = residuals
     _, input_vjp = jax.vjp(lambda a: _xla_conv3x3(a, kernel, stride), x)
     (grad_x,) = input_vjp(grad)
-    # Under a sharded batch the sum over pixels is a cross-device reduction to
-    # the kernel's (replicated) layout, which must be named.
-    grad_kernel = jnp.einsum(
-        "bhwk,bhwo->ko",
-        _stacked_taps(x, stride),
-        grad,
-        out_sharding=jax.typeof(kernel).sharding,
-    )
-    return grad_x, grad_kernel.reshape(kernel.shape).astype(kernel.dtype)
+    return grad_x, conv3x3_kernel_gradient(x, grad, stride, kernel)
 
 
-strided_conv3x3.defvjp(_strided_conv3x3_fwd, _strided_conv3x3_bwd)
+conv3x3.defvjp(_conv3x3_fwd, _conv3x3_bwd)
 
 
 class Conv3x3(nn.Module):
