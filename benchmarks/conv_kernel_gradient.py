@@ -7,7 +7,7 @@ times d(loss)/d(kernel) computed by
 * `xla`: the gradient XLA derives for `lax.conv_general_dilated` (a
   convolution over the transposed activations);
 * `rows`: `layers.conv3x3_kernel_gradient`, three matmuls over stacked tap
-  views, the one `layers.conv3x3` uses in its backward pass;
+  views, the one `layers.conv3x3` uses in its backward pass at stride 2;
 
 and prints the best of 3 wall times, GFLOP/s and the largest relative
 difference between the two.
