@@ -23,8 +23,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from recontrast_jax import checkpointing, parallel, pretrained, train
+from recontrast_jax import checkpointing, parallel, pretrained, run
 from recontrast_jax.data import sources
+from recontrast_jax.methods import recontrast as recontrast_method
 from recontrast_jax.models import recontrast
 
 # (state-dict prefix, Flax part, keys of the part that PyTorch has but Flax drops)
@@ -101,17 +102,17 @@ def import_checkpoint(
         )
     except pretrained.ConversionError as e:
         raise pretrained.ConversionError(f"{checkpoint_path}: {e}") from e
-    tx = train.make_optimizer(config.optimizer)
+    tx = recontrast_method.make_optimizer(config.optimizer)
     params = jax.tree_util.tree_map(jnp.asarray, variables["params"])
-    state = train.TrainState(
+    state = recontrast_method.TrainState(
         step=jnp.asarray(config.train.steps, jnp.int32),
         params=params,
         batch_stats=jax.tree_util.tree_map(jnp.asarray, variables["batch_stats"]),
         opt_state=tx.init(params),
         frozen=jax.tree_util.tree_map(jnp.asarray, frozen),
     )
-    train.prepare_workdir(workdir)
-    directory = train.category_dirs(workdir, category)["checkpoints"]
+    run.prepare_workdir(workdir)
+    directory = recontrast_method.checkpoint_dir(workdir, category)
     manager = checkpointing.manager(directory, config.checkpoint.max_to_keep)
     if manager.latest_step() is not None:
         raise FileExistsError(

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import ml_collections
 
-# Methods that score against a memory bank of patch features (patchcore.py).
+from recontrast_jax.data import categories
+
+# Methods that score against a memory bank of patch features (methods/patchcore.py).
 MEMORY_BANK_METHODS = ("patchcore", "reconpatch")
 
 # ReContrast's MVTec script keeps the encoder BatchNorm in eval mode for these.
@@ -172,8 +174,6 @@ def mvtec_config(category: str) -> ml_collections.ConfigDict:
     `mvtec_ad` builder), the V1 ImageNet weights, and every normal image used
     for training as in the papers (thresholds then come from training images).
     """
-    from recontrast_jax.data import categories
-
     if category != "all" and category not in categories.MVTEC_CATEGORIES:
         raise ValueError(
             f"Unknown MVTec category {category!r}; use one of "

@@ -5,7 +5,7 @@ An exported model takes uint8 RGB images already resized to
 :func:`preprocess_for_export`) and does everything else inside: the
 torchvision center crop, ``ToTensor`` + ImageNet normalisation in float32,
 the ReContrast forward pass and the anomaly map and image score of
-:func:`recontrast_jax.evaluate.predict`. The model variables are embedded as
+:func:`recontrast_jax.methods.recontrast.predict`. The model variables are embedded as
 constants, so the artifact needs neither the checkpoint nor this package (only
 ``jax`` to deserialise it). The batch dimension is symbolic: any batch size
 works with the same artifact.
@@ -23,7 +23,6 @@ import functools
 import json
 import logging
 import os
-import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -36,7 +35,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recontrast_jax import default_config, evaluate, reports
+from recontrast_jax import methods, parallel, reports, thresholds
+from recontrast_jax.data import sources
 
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.jax_export"
@@ -81,20 +81,6 @@ def preprocess_for_export(image_uint8: np.ndarray, image_size: int) -> np.ndarra
     return input_pipeline.resize_and_crop_uint8(image, image_size, image_size)
 
 
-def _host_variables(state) -> types.SimpleNamespace:
-    """The variables `evaluate.predict` reads, as host numpy arrays.
-
-    Copying to the host drops any device sharding, so the closed-over values
-    become plain constants of the exported module; the optimiser state (which
-    inference never reads) is left out.
-    """
-    return types.SimpleNamespace(
-        params=jax.device_get(state.params),
-        batch_stats=jax.device_get(state.batch_stats),
-        frozen=jax.device_get(state.frozen),
-    )
-
-
 def _normalize(images_uint8: jax.Array) -> jax.Array:
     """``input_pipeline.normalize_uint8`` on device, bit-identical to it."""
     table = jnp.asarray(_NORMALIZE_TABLE)
@@ -102,13 +88,13 @@ def _normalize(images_uint8: jax.Array) -> jax.Array:
 
 
 def inference_fn(
-    state, config: ml_collections.ConfigDict
+    model, config: ml_collections.ConfigDict
 ) -> Callable[[jax.Array], tuple[jax.Array, jax.Array]]:
     """The pure function that is exported, with the variables closed over.
 
     Args:
-      state: A `train.TrainState` (or any object with ``params``,
-        ``batch_stats`` and ``frozen``).
+      model: the method's model (a ReContrast ``TrainState``, a list of
+        memory-bank models); its host copy is closed over.
       config: Run config; reads ``data.image_size``, ``data.crop_size``,
         ``model.arch`` and ``eval.sigma``/``score_rule``/``max_ratio``.
 
@@ -118,7 +104,7 @@ def inference_fn(
     """
     image_size, crop_size = config.data.image_size, config.data.crop_size
     top = input_pipeline.center_crop_offsets(image_size, crop_size)
-    model_fn = _model_fn(state, config)
+    model_fn = _model_fn(model, config)
 
     def fn(images_uint8):
         if images_uint8.dtype != jnp.uint8 or tuple(images_uint8.shape[1:]) != (
@@ -136,17 +122,11 @@ def inference_fn(
     return fn
 
 
-def _model_fn(state, config: ml_collections.ConfigDict):
+def _model_fn(model, config: ml_collections.ConfigDict):
     """`normalised images -> (maps, scores)` with the host variables closed over."""
-    if config.method in default_config.MEMORY_BANK_METHODS:
-        from recontrast_jax import patchcore
-
-        # `state` is the list of fitted memory-bank models.
-        return functools.partial(
-            patchcore.configured_predict(config), jax.device_get(state)
-        )
+    method = methods.get(config.method)
     return functools.partial(
-        evaluate.configured_predict(config), _host_variables(state)
+        method.configured_predict(config), method.host_model(model)
     )
 
 
@@ -216,7 +196,7 @@ def _save_tf_saved_model(fn, image_size: int, path: str) -> bool:
 
 
 def export_model(
-    state,
+    model,
     config: ml_collections.ConfigDict,
     directory: str | os.PathLike,
     extra_metadata: Mapping[str, Any] | None = None,
@@ -227,7 +207,7 @@ def export_model(
     """Exports the model for inference on uint8 images of any batch size.
 
     Args:
-      state: A `train.TrainState` (variables are copied to the host).
+      model: the method's model (variables are copied to the host).
       config: Run config (see :func:`inference_fn`).
       directory: Output directory, created if needed.
       extra_metadata: JSON-compatible values added to ``metadata.json`` (e.g.
@@ -240,7 +220,7 @@ def export_model(
     """
     directory = os.fspath(directory)
     metadata = _metadata(config, extra_metadata)
-    fn = inference_fn(state, config)
+    fn = inference_fn(model, config)
     spec = _input_spec(config.data.image_size)
     exported = jax.export.export(jax.jit(fn), platforms=platforms)(spec)
     reports.atomic_write_bytes(
@@ -316,31 +296,18 @@ def _read_metadata(path: str) -> dict:
     return metadata
 
 
-def _restore(config, workdir: str, category: str):
-    """The category's model (any method) and its training step."""
-    from recontrast_jax import parallel, train
-
-    if config.method in default_config.MEMORY_BANK_METHODS:
-        from recontrast_jax import patchcore
-
-        return patchcore.restore_models(config, workdir, category), None
-    state = train.restore_for_inference(config, workdir, category, parallel.make_mesh())
-    return state, int(jax.device_get(state.step))
-
-
 def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Export mode: writes one artifact per category from its checkpoint.
 
     The chosen thresholds (when calibrated) go into the metadata, so a serving
     system can decide exactly as `predict` does.
     """
-    from recontrast_jax import thresholds
-    from recontrast_jax.data import sources
-
+    method = methods.get(config.method)
+    mesh = parallel.make_mesh()
     directories = []
     for category in sources.category_names(config):
-        state, step = _restore(config, workdir, category)
-        extra = {"category": category, "step": step}
+        model = method.restore(config, workdir, category, mesh)
+        extra = {"category": category, "step": method.model_step(model)}
         try:
             extra["thresholds"] = thresholds.choose(
                 thresholds.load(workdir, category), config.threshold
@@ -348,7 +315,5 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
         except (FileNotFoundError, ValueError) as e:
             logging.warning("%s: no thresholds in the export (%s)", category, e)
         directory = config.export.directory or os.path.join(workdir, "export", category)
-        directories.append(
-            export_model(jax.device_get(state), config, directory, extra)
-        )
+        directories.append(export_model(model, config, directory, extra))
     return directories

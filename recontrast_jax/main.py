@@ -1,7 +1,9 @@
 """Command-line entry: `python -m recontrast_jax.main --config C --workdir W`.
 
 `--config.mode` picks what to do: train (default; resumes), evaluate, predict
-(`--config.predict.input=DIR`) or export. Several processes (hosts, SLURM
+(`--config.predict.input=DIR`) or export. This is the only module that reads
+it: train and evaluate are `run.run(fit=...)`, predict and export their
+modules' entry points. Several processes (hosts, SLURM
 tasks, a TPU pod's workers) run the same command; `distributed.initialize`
 joins them first (see `--coordinator_address`, `--num_processes`,
 `--process_id`, `--distributed`).
@@ -16,7 +18,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recontrast_jax import distributed, export, predict, train
+from recontrast_jax import distributed, export, predict, reports, run
 from recontrast_jax.data import folder
 
 MODES = ("train", "evaluate", "predict", "export")
@@ -83,7 +85,7 @@ def main(argv):
     config, workdir = FLAGS.config, FLAGS.workdir
     try:
         if config.mode in ("train", "evaluate"):
-            report(train.train_and_evaluate(config, workdir), workdir)
+            report(run.run(config, workdir, fit=config.mode == "train"), workdir)
         elif config.mode == "predict":
             predict.predict(config, workdir)
         elif config.mode == "export":
@@ -91,7 +93,7 @@ def main(argv):
                 print(f"exported: {directory}")
         else:
             raise ValueError(f"Unknown config.mode {config.mode!r}: use {MODES}.")
-    except (folder.DatasetError, train.WorkdirError, FileNotFoundError) as e:
+    except (folder.DatasetError, run.WorkdirError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
 
@@ -99,7 +101,7 @@ def main(argv):
 def report(summary: dict, workdir: str) -> None:
     """Prints the mean metrics and where the results are."""
     mean = summary["mean"]
-    shown = [k for k in train.REPORTED_METRICS if k in mean]
+    shown = [k for k in reports.REPORTED_METRICS if k in mean]
     print("mean over categories: " + ", ".join(f"{k}={mean[k]:.4f}" for k in shown))
     print(f"results: {workdir}/results.md, metrics: {workdir}/metrics.json")
 

@@ -14,22 +14,13 @@ and writes to `<workdir>/predictions/<category>/`:
 
 from __future__ import annotations
 
-import csv
-import io
 import os
 
 import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import (
-    default_config,
-    evaluate,
-    parallel,
-    reports,
-    thresholds,
-    train,
-)
+from recontrast_jax import evaluate, methods, parallel, reports, thresholds
 from recontrast_jax.data import folder, sources
 
 
@@ -61,31 +52,21 @@ def predict_category(
     chosen = thresholds.choose(calibration, config.threshold)
     output = config.predict.output or os.path.join(workdir, "predictions", category)
     rows = prediction_rows(paths, config.predict.input, result, chosen)
-    write_csv(os.path.join(output, "predictions.csv"), rows)
-    reports.atomic_write_json(
-        os.path.join(output, "summary.json"),
-        {"category": category, "thresholds": chosen, "images": len(rows),
-         "anomalous": int(sum(r["decision"] for r in rows))},
-    )  # fmt: skip
-    write_overlays(
-        output, rows, result, chosen, calibration, config.predict.num_heatmaps
-    )
+    if jax.process_index() == 0:
+        reports.write_predictions(
+            output, category, rows, result, chosen, calibration,
+            config.predict.num_heatmaps,
+        )  # fmt: skip
     return output
 
 
 def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
     """Scores `samples` with the category's saved model (any method)."""
     mesh = parallel.make_mesh()
-    if config.method in default_config.MEMORY_BANK_METHODS:
-        from recontrast_jax import patchcore
-
-        models = patchcore.restore_models(config, workdir, category)
-        predict_fn = patchcore.compile_predict(config, mesh)
-        return patchcore.evaluate_models(models, predict_fn, samples, config, mesh)
-    state = train.restore_for_inference(config, workdir, category, mesh)
-    return evaluate.evaluate_split(
-        evaluate.compile_predict(config, mesh), state, samples, config, mesh
-    )
+    method = methods.get(config.method)
+    model = method.restore(config, workdir, category, mesh)
+    predict_fn = method.compile_predict(config, mesh)
+    return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)
 
 
 def prediction_rows(paths, root, result, chosen) -> list[dict]:
@@ -102,47 +83,6 @@ def prediction_rows(paths, root, result, chosen) -> list[dict]:
             paths, result.scores, normalized, result.maps, strict=True
         )
     ]
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    reports.atomic_write_text(path, buffer.getvalue())
-
-
-def colour_scale(
-    chosen: dict, calibration: dict, maps: np.ndarray
-) -> tuple[float, float]:
-    """A fixed scale: normal pixels low, the pixel threshold at mid-scale."""
-    normal = calibration.get("normal")
-    low = float(normal["pixel_quantiles"]["0.5"]) if normal else float(np.median(maps))
-    high = chosen["pixel"] + (chosen["pixel"] - low)
-    if not np.isfinite(high) or high <= low:
-        low, high = float(maps.min()), float(maps.max())
-    return low, high
-
-
-def write_overlays(output, rows, result, chosen, calibration, count) -> None:
-    vmin, vmax = colour_scale(chosen, calibration, result.maps)
-    order = np.argsort(-result.scores, kind="stable")[:count]
-    entries = []
-    for i in order:
-        row = rows[i]
-        panel = reports.heatmap_panel(
-            result.images[i], result.maps[i] >= chosen["pixel"], result.maps[i],
-            row["score"], vmin, vmax, title=row["path"], mask_name="predicted mask",
-        )  # fmt: skip
-        name = os.path.splitext(row["path"])[0].replace(os.sep, "_") + ".png"
-        reports.save_png(os.path.join(output, "heatmaps", name), panel)
-        entries.append(
-            {"image": f"heatmaps/{name}", "name": row["path"], "score": row["score"],
-             "label": None, "decision": row["decision"]}
-        )  # fmt: skip
-    reports.write_gallery(
-        output, entries, "Predictions", subtitle=f"threshold: {chosen['rule']}"
-    )
 
 
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:

@@ -26,6 +26,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from recontrast_jax import reports
 from recontrast_jax.models import backbones
 
 Variables = dict
@@ -438,8 +439,6 @@ def _read_msgpack(path: str, template: Mapping) -> Variables:
 
 def save_msgpack(path: str, variables: Mapping) -> None:
     """Writes Flax variables as msgpack (readable by `load_encoder_variables`)."""
-    from recontrast_jax import reports
-
     data = flax.serialization.msgpack_serialize(
         jax.tree_util.tree_map(np.asarray, dict(variables))
     )

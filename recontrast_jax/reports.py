@@ -1,15 +1,17 @@
-"""Host-side reports: atomic result files, heatmap images, histograms, galleries.
+"""Host-side reports: atomic result files, heatmap panels, histograms, galleries.
 
-Everything here runs on the host with numpy and PIL only (no matplotlib), so the
-command-line tools and notebooks can write results without extra dependencies.
-Files are written atomically (temporary file in the same directory, fsync,
-``os.replace``) so a crash or a failing step never leaves a truncated result or
-destroys the previous one.
+Plots are drawn with matplotlib's object-oriented API (a ``Figure`` rendered by
+the Agg canvas, never pyplot), so they need no display, touch no global state
+and can be drawn from several threads or processes at once; the public plot
+functions return uint8 RGB arrays for ``save_png``. Files are written atomically
+(temporary file in the same directory, fsync, ``os.replace``) so a crash or a
+failing step never leaves a truncated result or destroys the previous one.
 """
 
 from __future__ import annotations
 
-import functools
+import csv
+import dataclasses
 import html
 import io
 import json
@@ -18,38 +20,40 @@ import os
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
+import jax
+import matplotlib
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+from PIL import Image
+
+if TYPE_CHECKING:  # for annotations only: evaluate imports TensorFlow's pipeline
+    from recontrast_jax import evaluate
 
 # Read once at import (os.umask can only be queried by setting it) so that new
 # result files get the usual permissions instead of mkstemp's private 0600.
 _UMASK = os.umask(0o022)
 os.umask(_UMASK)
 
-# Matplotlib's 'jet' segment data: (x, value) breakpoints per channel.
-_JET_SEGMENTS = {
-    "red": ((0.0, 0.0), (0.35, 0.0), (0.66, 1.0), (0.89, 1.0), (1.0, 0.5)),
-    "green": (
-        (0.0, 0.0),
-        (0.125, 0.0),
-        (0.375, 1.0),
-        (0.64, 1.0),
-        (0.91, 0.0),
-        (1.0, 0.0),
-    ),
-    "blue": ((0.0, 0.5), (0.11, 1.0), (0.34, 1.0), (0.65, 0.0), (1.0, 0.0)),
-}
-# Matplotlib samples colour maps into a 256-entry table; doing the same gives
-# the same colours pixel for pixel.
-_LUT_SIZE = 256
+_JET = matplotlib.colormaps["jet"]
+_DPI = 100  # figure sizes below are in pixels; 100 dpi keeps fonts small and fast
+_FONT_SIZE = 9  # points
 
 TILE_NAMES = ("image", "ground truth", "anomaly map", "overlay")
-_GAP = 4  # pixels between tiles
-_LINE_HEIGHT = 14  # caption line height; the default PIL font is about 11 px tall
-_GAP_COLOUR = 255
+# Small images are enlarged by a whole factor up to this side, so pixels stay
+# sharp and captions fit; larger ones are shrunk to at most _TILE_MAX.
+_TILE_TARGET = 192
+_TILE_MAX = 512
+# Panel margins in pixels: the header holds the headline and the tile names,
+# the right side the colour bar and its tick labels.
+_PAD, _GAP, _HEADER = 6, 8, 44
+_BAR_GAP, _BAR_WIDTH, _BAR_LABELS = 10, 12, 48
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -128,22 +132,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, text + "\n")
 
 
-def _jet_lut() -> np.ndarray:
-    """(256, 3) uint8 table of the jet colour map, built like matplotlib's."""
-    grid = np.linspace(0.0, 1.0, _LUT_SIZE)
-    channels = []
-    for name in ("red", "green", "blue"):
-        xs, ys = zip(*_JET_SEGMENTS[name], strict=True)
-        channels.append(np.interp(grid, xs, ys))
-    # matplotlib converts its float table to bytes by truncation (x * 255).
-    return (np.stack(channels, axis=-1) * 255).astype(np.uint8)
-
-
-_JET_LUT = _jet_lut()
-
-
 def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
-    """Maps values to RGB with the 'jet' colour map (blue -> cyan -> yellow -> red).
+    """Maps values to RGB with matplotlib's 'jet' (blue -> cyan -> yellow -> red).
+
+    Used for the anomaly-map tiles, so heat maps look like matplotlib's imshow.
 
     Args:
       values: (H, W) array.
@@ -151,7 +143,8 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
       vmax: value shown as dark red; larger values are clipped.
 
     Returns:
-      (H, W, 3) uint8 array. NaNs are shown as ``vmin``.
+      (H, W, 3) uint8 array. NaNs, and everything if vmax <= vmin, are shown as
+      ``vmin``.
     """
     values = np.asarray(values, dtype=np.float64)
     if vmax > vmin:
@@ -159,8 +152,7 @@ def colorize(values: np.ndarray, vmin: float, vmax: float) -> np.ndarray:
     else:
         scaled = np.zeros_like(values)  # matplotlib's Normalize does the same
     scaled = np.nan_to_num(np.clip(scaled, 0.0, 1.0), nan=0.0)
-    index = np.minimum((scaled * _LUT_SIZE).astype(np.int64), _LUT_SIZE - 1)
-    return _JET_LUT[index]
+    return _JET(scaled, bytes=True)[..., :3]
 
 
 def _as_rgb(image: np.ndarray, what: str) -> np.ndarray:
@@ -218,16 +210,52 @@ def _mask_tile(gt_mask: np.ndarray | None, hw: tuple[int, int]) -> np.ndarray:
     return np.repeat(np.where(mask > 0, 255, 0).astype(np.uint8)[..., None], 3, axis=-1)
 
 
-@functools.lru_cache(maxsize=1)
-def _default_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default()
+def _render(fig: Figure) -> np.ndarray:
+    """Draws a figure off-screen into a (height, width, 3) uint8 RGB array."""
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
-def _caption(text: str, width: int) -> np.ndarray:
-    """One line of black text on white, clipped to ``width`` pixels."""
-    canvas = Image.new("RGB", (max(width, 1), _LINE_HEIGHT), (255, 255, 255))
-    ImageDraw.Draw(canvas).text((2, 1), text, fill=(0, 0, 0), font=_default_font())
-    return np.asarray(canvas)[:, :width]
+def _tile_size(hw: tuple[int, int]) -> tuple[int, int]:
+    """On-screen (height, width) of a tile in pixels (see _TILE_TARGET)."""
+    longest = max(hw)
+    factor = (
+        _TILE_MAX / longest if longest > _TILE_MAX else max(1, _TILE_TARGET // longest)
+    )
+    return max(1, round(hw[0] * factor)), max(1, round(hw[1] * factor))
+
+
+def _panel_figure(
+    tiles: Sequence[np.ndarray],
+    names: Sequence[str],
+    headline: str,
+    vmin: float,
+    vmax: float,
+) -> Figure:
+    """Tiles in a row under their names and a headline, with a vmin..vmax bar."""
+    tile_h, tile_w = _tile_size(tiles[0].shape[:2])
+    row_w = len(tiles) * tile_w + (len(tiles) - 1) * _GAP
+    width = _PAD + row_w + _BAR_GAP + _BAR_WIDTH + _BAR_LABELS
+    height = _HEADER + tile_h + _PAD
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI)
+
+    def box(left: float, w: float) -> tuple[float, float, float, float]:
+        """Figure fractions of a tile-high box ``w`` pixels wide at ``left``."""
+        return left / width, _PAD / height, w / width, tile_h / height
+
+    # Enlarged tiles keep square pixels; only shrunk ones need smoothing.
+    smooth = tile_h < tiles[0].shape[0]
+    for i, (tile, name) in enumerate(zip(tiles, names, strict=True)):
+        ax = fig.add_axes(box(_PAD + i * (tile_w + _GAP), tile_w))
+        ax.imshow(tile, interpolation="antialiased" if smooth else "nearest")
+        ax.set_axis_off()
+        ax.set_title(name, fontsize=_FONT_SIZE, pad=3, y=1.0)  # y: no auto layout
+    fig.text(_PAD / width, 1 - 4 / height, headline, fontsize=_FONT_SIZE + 1, va="top")
+    bar = fig.add_axes(box(_PAD + row_w + _BAR_GAP, _BAR_WIDTH))
+    fig.colorbar(ScalarMappable(Normalize(vmin, vmax), cmap=_JET), cax=bar)
+    bar.tick_params(labelsize=_FONT_SIZE - 1)
+    return fig
 
 
 def heatmap_panel(
@@ -240,24 +268,25 @@ def heatmap_panel(
     title: str = "",
     mask_name: str = "ground truth",
 ) -> np.ndarray:
-    """Four tiles side by side: image | ground truth | anomaly map | overlay.
+    """One picture of an image's result: image | mask | anomaly map | overlay.
 
-    Above the tiles is a caption strip: one line with the title and the score,
-    and one line with the name of each tile. Tiles have the size of the image and
-    are separated by a white gap of ``_GAP`` pixels.
+    A headline gives the title and the score, each tile is named, and a colour
+    bar shows the anomaly-map scale vmin..vmax (pass the same vmin/vmax for all
+    panels of a set so they can be compared). Small images are enlarged by a
+    whole factor, large ones shrunk, so the panel's size depends on the image's.
 
     Args:
       image_uint8: (H, W), (H, W, 1) or (H, W, 3) uint8 image.
       gt_mask: (H, W) mask (values > 0 are anomalous) or None (black tile).
       amap: (H, W) anomaly map.
-      score: image anomaly score written in the caption.
+      score: image anomaly score written in the headline.
       vmin: anomaly value shown as dark blue.
       vmax: anomaly value shown as dark red.
       title: optional text before the score (e.g. the file name).
-      mask_name: caption of the mask tile (e.g. 'predicted mask' in predictions).
+      mask_name: name of the mask tile (e.g. 'predicted mask' in predictions).
 
     Returns:
-      (2 * 14 + H, 4 * W + 3 * 4, 3) uint8 RGB array.
+      (height, width, 3) uint8 RGB array.
     """
     image = _as_rgb(image_uint8, "image")
     hw = image.shape[:2]
@@ -266,20 +295,9 @@ def heatmap_panel(
         raise ValueError(f"anomaly map {amap.shape} does not match image size {hw}")
     heat = colorize(amap, vmin, vmax)
     tiles = [image, _mask_tile(gt_mask, hw), heat, overlay(image, heat)]
-
-    tile_h, tile_w = hw
-    width = len(tiles) * tile_w + (len(tiles) - 1) * _GAP
-    panel = np.full((2 * _LINE_HEIGHT + tile_h, width, 3), _GAP_COLOUR, dtype=np.uint8)
-    headline = f"{title}  score {score:.4f}" if title else f"score {score:.4f}"
-    panel[:_LINE_HEIGHT] = _caption(headline, width)
     names = (TILE_NAMES[0], mask_name, *TILE_NAMES[2:])
-    for i, (name, tile) in enumerate(zip(names, tiles, strict=True)):
-        left = i * (tile_w + _GAP)
-        panel[_LINE_HEIGHT : 2 * _LINE_HEIGHT, left : left + tile_w] = _caption(
-            name, tile_w
-        )
-        panel[2 * _LINE_HEIGHT :, left : left + tile_w] = tile
-    return panel
+    headline = f"{title}  score {score:.4f}" if title else f"score {score:.4f}"
+    return _render(_panel_figure(tiles, names, headline, vmin, vmax))
 
 
 def save_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -349,21 +367,12 @@ def results_markdown(
 # Score histogram
 # ---------------------------------------------------------------------------
 
-# Plot area margins in pixels: the header holds the title and the legend, the
-# bottom the x tick labels and axis name, the left the y tick labels.
-HIST_MARGIN_LEFT = 52
-HIST_MARGIN_RIGHT = 16
-HIST_MARGIN_TOP = 2 * _LINE_HEIGHT + 8
-HIST_MARGIN_BOTTOM = 2 * _LINE_HEIGHT + 6
 # Fraction of the data span added on each side so extreme bars and threshold
 # lines do not sit on the axes.
 HIST_RANGE_PADDING = 0.05
-_NORMAL_RGBA = (31, 90, 230, 128)
-_ANOMALOUS_RGBA = (220, 30, 30, 150)
-_THRESHOLD_COLOURS = ((0, 0, 0), (0, 120, 0), (130, 0, 170), (200, 110, 0))
-_DASH_ON, _DASH_OFF = 6, 4
-_AXIS_COLOUR = (0, 0, 0)
-_TICK_LENGTH = 4
+_HIST_MIN_SIZE = (160, 120)  # (width, height) in pixels; smaller is unreadable
+_GROUP_COLOURS = {"normal": "tab:blue", "anomalous": "tab:red"}
+_THRESHOLD_COLOURS = ("black", "tab:green", "tab:purple", "tab:orange")
 
 
 def _finite_scores(scores: Any, what: str) -> np.ndarray:
@@ -374,6 +383,12 @@ def _finite_scores(scores: Any, what: str) -> np.ndarray:
         bad = int((~np.isfinite(values)).sum())
         raise ValueError(f"{what} contain {bad} non-finite value(s) (NaN or inf)")
     return values
+
+
+def _finite_thresholds(thresholds: Mapping[str, float]) -> list[tuple[str, float]]:
+    """(name, value) of the thresholds that can be drawn; NaN means 'not set'."""
+    pairs = [(str(name), float(value)) for name, value in thresholds.items()]
+    return [(name, value) for name, value in pairs if math.isfinite(value)]
 
 
 def histogram_range(
@@ -397,10 +412,7 @@ def histogram_range(
         [
             _finite_scores(normal_scores, "normal scores"),
             _finite_scores(anomalous_scores, "anomalous scores"),
-            np.asarray(
-                [v for v in map(float, thresholds.values()) if math.isfinite(v)],
-                dtype=np.float64,
-            ),
+            np.asarray([v for _, v in _finite_thresholds(thresholds)], np.float64),
         ]
     )
     if values.size == 0:
@@ -412,160 +424,56 @@ def histogram_range(
     return low - pad, high + pad
 
 
-def _nice_ticks(low: float, high: float, target: int = 5) -> list[float]:
-    """About ``target`` round tick values (1, 2 or 5 times a power of ten) in range."""
-    span = high - low
-    if not span > 0:
-        return [low]
-    raw_step = span / target
-    magnitude = 10.0 ** math.floor(math.log10(raw_step))
-    step = next(
-        m * magnitude for m in (1.0, 2.0, 5.0, 10.0) if m * magnitude >= raw_step
-    )
-    first = math.ceil(low / step - 1e-9)
-    last = math.floor(high / step + 1e-9)
-    # Rounding to the step's precision avoids labels like 0.30000000000000004.
-    digits = max(0, -math.floor(math.log10(step)) + 1)
-    return [round(i * step, digits) for i in range(first, last + 1)]
+def histogram_figure(
+    normal_scores: Any,
+    anomalous_scores: Any,
+    thresholds: Mapping[str, float],
+    title: str = "",
+    bins: int = 30,
+    size: tuple[int, int] = (640, 400),
+) -> Figure:
+    """The figure of ``score_histogram``, for notebooks and for inspecting it.
 
-
-def _tick_label(value: float) -> str:
-    text = f"{value:.3g}"
-    return "0" if text == "-0" else text
-
-
-class _Plot:
-    """Maps data coordinates to pixel coordinates of the plot area."""
-
-    def __init__(self, size: tuple[int, int], x_range: tuple[float, float], y_max):
-        width, height = size
-        self.left = HIST_MARGIN_LEFT
-        self.right = width - HIST_MARGIN_RIGHT - 1
-        self.top = HIST_MARGIN_TOP
-        self.bottom = height - HIST_MARGIN_BOTTOM - 1
-        self.x_low, self.x_high = x_range
-        self.y_max = y_max
-
-    def x(self, value: float) -> int:
-        fraction = (value - self.x_low) / (self.x_high - self.x_low)
-        return int(round(self.left + fraction * (self.right - self.left)))
-
-    def y(self, count: float) -> int:
-        return int(round(self.bottom - count / self.y_max * (self.bottom - self.top)))
-
-
-def _draw_bars(
-    image: Image.Image,
-    plot: _Plot,
-    edges: np.ndarray,
-    counts: np.ndarray,
-    rgba: tuple[int, int, int, int],
-) -> Image.Image:
-    """Alpha-composites one histogram's bars, so overlapping bars stay visible."""
-    layer = Image.new("RGBA", image.size, (0, 0, 0, 0))
-    draw = ImageDraw.Draw(layer)
-    for left_edge, right_edge, count in zip(edges[:-1], edges[1:], counts, strict=True):
-        if count == 0:
-            continue
-        x0, x1 = plot.x(left_edge), plot.x(right_edge)
-        draw.rectangle(
-            (x0, plot.y(count), max(x0, x1 - 1), plot.bottom - 1),
-            fill=rgba,
-            outline=rgba[:3] + (255,),
+    Arguments as for ``score_histogram``. The axes hold one bar container per
+    group (normal first) and one dashed line per finite threshold.
+    """
+    width, height = size
+    if width < _HIST_MIN_SIZE[0] or height < _HIST_MIN_SIZE[1]:
+        raise ValueError(
+            f"histogram size {size} too small; need at least {_HIST_MIN_SIZE}"
         )
-    return Image.alpha_composite(image, layer)
-
-
-def _draw_axes(draw: ImageDraw.ImageDraw, plot: _Plot) -> None:
-    """Axes with round tick values on x (scores) and y (counts)."""
-    font = _default_font()
-    draw.line((plot.left, plot.top, plot.left, plot.bottom), fill=_AXIS_COLOUR)
-    draw.line((plot.left, plot.bottom, plot.right, plot.bottom), fill=_AXIS_COLOUR)
-    for value in _nice_ticks(plot.x_low, plot.x_high):
-        x = plot.x(value)
-        draw.line((x, plot.bottom, x, plot.bottom + _TICK_LENGTH), fill=_AXIS_COLOUR)
-        draw.text(
-            (x, plot.bottom + _TICK_LENGTH + 1),
-            _tick_label(value),
-            fill=_AXIS_COLOUR,
-            font=font,
-            anchor="ma",
+    if bins < 1:
+        raise ValueError(f"bins must be >= 1, got {bins}")
+    groups = {
+        "normal": _finite_scores(normal_scores, "normal scores"),
+        "anomalous": _finite_scores(anomalous_scores, "anomalous scores"),
+    }
+    x_range = histogram_range(groups["normal"], groups["anomalous"], thresholds)
+    edges = np.linspace(*x_range, bins + 1)
+    fig = Figure(figsize=(width / _DPI, height / _DPI), dpi=_DPI, layout="constrained")
+    ax = fig.add_subplot()
+    for name, scores in groups.items():
+        colour = _GROUP_COLOURS[name]
+        # Semi-transparent so overlapping bins of both groups stay visible.
+        ax.hist(
+            scores,
+            bins=edges,
+            color=colour,
+            alpha=0.5,
+            label=f"{name} (n={scores.size})",
         )
-    y_ticks = [v for v in _nice_ticks(0.0, plot.y_max, 5) if v == int(v)]
-    for count in y_ticks:
-        y = plot.y(count)
-        draw.line((plot.left - _TICK_LENGTH, y, plot.left, y), fill=_AXIS_COLOUR)
-        draw.text(
-            (plot.left - _TICK_LENGTH - 2, y),
-            str(int(count)),
-            fill=_AXIS_COLOUR,
-            font=font,
-            anchor="rm",
-        )
-    draw.text(
-        ((plot.left + plot.right) // 2, plot.bottom + _TICK_LENGTH + _LINE_HEIGHT + 2),
-        "image anomaly score",
-        fill=_AXIS_COLOUR,
-        font=font,
-        anchor="ma",
-    )
-    draw.text(
-        (plot.left - 2, plot.top - 2),
-        "count",
-        fill=_AXIS_COLOUR,
-        font=font,
-        anchor="rd",
-    )
-
-
-def _draw_legend(
-    draw: ImageDraw.ImageDraw, plot: _Plot, n_normal: int, n_anomalous: int
-) -> None:
-    """Colour swatches with group sizes, right-aligned in the second header line."""
-    font = _default_font()
-    entries = [
-        (f"normal (n={n_normal})", _NORMAL_RGBA),
-        (f"anomalous (n={n_anomalous})", _ANOMALOUS_RGBA),
-    ]
-    x = plot.right
-    y = _LINE_HEIGHT + 3
-    for text, rgba in reversed(entries):
-        text_width = int(math.ceil(draw.textlength(text, font=font)))
-        x -= text_width
-        draw.text((x, y), text, fill=_AXIS_COLOUR, font=font)
-        x -= 14
-        # Same colour as a bar over white, so the swatch matches the plot.
-        alpha = rgba[3] / 255.0
-        colour = tuple(round(alpha * c + (1 - alpha) * 255) for c in rgba[:3])
-        draw.rectangle((x, y + 1, x + 10, y + 10), fill=colour, outline=rgba[:3])
-        x -= 12
-
-
-def _draw_dashed_vertical(
-    draw: ImageDraw.ImageDraw, x: int, top: int, bottom: int, colour
-) -> None:
-    for y in range(top, bottom, _DASH_ON + _DASH_OFF):
-        draw.line((x, y, x, min(y + _DASH_ON - 1, bottom)), fill=colour, width=1)
-
-
-def _draw_thresholds(
-    draw: ImageDraw.ImageDraw, plot: _Plot, thresholds: Mapping[str, float]
-) -> None:
-    """Dashed vertical lines, each labelled '<name>: <value>' near the top."""
-    font = _default_font()
-    finite = [(n, float(v)) for n, v in thresholds.items() if math.isfinite(float(v))]
-    for i, (name, value) in enumerate(finite):
+    for i, (name, value) in enumerate(_finite_thresholds(thresholds)):
         colour = _THRESHOLD_COLOURS[i % len(_THRESHOLD_COLOURS)]
-        x = plot.x(value)
-        _draw_dashed_vertical(draw, x, plot.top, plot.bottom - 1, colour)
-        label = f"{name}: {value:.4g}"
-        text_width = int(math.ceil(draw.textlength(label, font=font)))
-        y = plot.top + 2 + i * _LINE_HEIGHT
-        # Right of the line if it fits, otherwise left, never over the line.
-        text_x = x + 4 if x + 4 + text_width <= plot.right else x - 4 - text_width
-        box = (text_x - 1, y - 1, text_x + text_width + 1, y + _LINE_HEIGHT - 3)
-        draw.rectangle(box, fill=(255, 255, 255))
-        draw.text((text_x, y), label, fill=colour, font=font)
+        ax.axvline(value, color=colour, linestyle="--", label=f"{name}: {value:.4g}")
+    ax.set_xlim(x_range)
+    ax.margins(y=0.2)  # headroom for the legend
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("image anomaly score", fontsize=_FONT_SIZE)
+    ax.set_ylabel("count", fontsize=_FONT_SIZE)
+    ax.tick_params(labelsize=_FONT_SIZE - 1)
+    ax.set_title(title, fontsize=_FONT_SIZE + 1)
+    ax.legend(fontsize=_FONT_SIZE - 1)
+    return fig
 
 
 def score_histogram(
@@ -578,53 +486,30 @@ def score_histogram(
 ) -> np.ndarray:
     """Overlaid histograms of normal and anomalous image scores with thresholds.
 
+    Shows how well the scores separate the groups and where each threshold cuts.
     Both groups share ``bins`` equal bins over ``histogram_range`` (all scores
-    and thresholds, padded). Normal scores are drawn in semi-transparent blue,
-    anomalous ones in semi-transparent red (overlaps look purple). Every finite
-    threshold is a vertical dashed line labelled '<name>: <value>'.
+    and thresholds, padded): normal in semi-transparent blue, anomalous in red.
+    Every finite threshold is a dashed vertical line whose legend entry gives
+    '<name>: <value>'.
 
     Args:
-      normal_scores: 1-D scores of normal images.
-      anomalous_scores: 1-D scores of anomalous images; may be empty (normal-only
+      normal_scores: scores of normal images (flattened; may be empty).
+      anomalous_scores: scores of anomalous images; may be empty (normal-only
         data).
       thresholds: name -> score threshold, e.g. {'quantile 0.99': 3.21}.
-      title: text in the top-left corner.
+      title: title above the plot.
       bins: number of bins.
       size: (width, height) of the image in pixels.
 
     Returns:
       (height, width, 3) uint8 RGB array.
-    """
-    width, height = size
-    min_width = HIST_MARGIN_LEFT + HIST_MARGIN_RIGHT + 40
-    min_height = HIST_MARGIN_TOP + HIST_MARGIN_BOTTOM + 40
-    if width < min_width or height < min_height:
-        raise ValueError(
-            f"histogram size {size} too small; need at least ({min_width}, {min_height})"
-        )
-    if bins < 1:
-        raise ValueError(f"bins must be >= 1, got {bins}")
-    normal = _finite_scores(normal_scores, "normal scores")
-    anomalous = _finite_scores(anomalous_scores, "anomalous scores")
-    x_range = histogram_range(normal, anomalous, thresholds)
-    edges = np.linspace(x_range[0], x_range[1], bins + 1)
-    normal_counts, _ = np.histogram(normal, bins=edges)
-    anomalous_counts, _ = np.histogram(anomalous, bins=edges)
-    tallest = max(int(normal_counts.max()), int(anomalous_counts.max()), 1)
-    # Headroom above the tallest bar for the stacked threshold labels.
-    plot = _Plot(size, x_range, tallest * 1.15 + 0.1 * len(thresholds) * tallest)
 
-    image = Image.new("RGBA", size, (255, 255, 255, 255))
-    image = _draw_bars(image, plot, edges, normal_counts, _NORMAL_RGBA)
-    image = _draw_bars(image, plot, edges, anomalous_counts, _ANOMALOUS_RGBA)
-    image = image.convert("RGB")
-    draw = ImageDraw.Draw(image)
-    _draw_thresholds(draw, plot, thresholds)
-    _draw_axes(draw, plot)
-    if title:
-        draw.text((4, 3), title, fill=_AXIS_COLOUR, font=_default_font())
-    _draw_legend(draw, plot, normal.size, anomalous.size)
-    return np.asarray(image, dtype=np.uint8).copy()
+    Raises:
+      ValueError: a score is NaN or infinite, ``bins`` < 1 or ``size`` too small.
+    """
+    return _render(
+        histogram_figure(normal_scores, anomalous_scores, thresholds, title, bins, size)
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -791,3 +676,216 @@ def write_gallery(
     path = directory / "index.html"
     atomic_write_text(path, "\n".join(parts) + "\n")
     return os.fspath(path)
+
+
+# ----------------------------------------------------------------------------
+# Everything a run writes, from typed results
+
+# The columns of results.md, in this order (those a run has).
+REPORTED_METRICS = (
+    "image_auroc",
+    "f1",
+    "accuracy",
+    "pixel_auroc",
+    "aupro",
+    "aupro_recontrast_per_image",
+    "pixel_ap",
+    "image_f1_max",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class CategoryReport:
+    """What the pipeline hands over for one evaluated category.
+
+    Attributes:
+      category: the category's name.
+      test: the scored test split.
+      names: '<defect>/<file name>' of every test image, in test order.
+      threshold: the chosen thresholds (`thresholds.choose`).
+      step: the model's training step (0 when it has none).
+    """
+
+    category: str
+    test: evaluate.SplitResult
+    names: list[str]
+    threshold: dict
+    step: int
+
+
+def select_heatmap_indices(result: evaluate.SplitResult, count: int) -> list[int]:
+    """The highest-scored anomalous and the highest-scored normal images."""
+    order = np.argsort(-result.scores, kind="stable")
+    anomalous = [int(i) for i in order if result.labels[i]][
+        : max(count - count // 3, 1)
+    ]
+    normal = [int(i) for i in order if not result.labels[i]][: count // 3]
+    return sorted(anomalous + normal)
+
+
+def panel_file_name(name: str) -> str:
+    """A flat PNG file name for an image's relative name."""
+    return os.path.splitext(name)[0].replace(os.sep, "_") + ".png"
+
+
+def write_heatmaps(
+    result: evaluate.SplitResult, directory: str, count: int, names: list[str]
+) -> list[dict]:
+    """Writes image | ground truth | map | overlay panels for some test images.
+
+    All panels of a category share one colour scale (the test maps' range), so
+    normal images do not look hot.
+
+    Returns:
+      Gallery entries (see `write_gallery`) of the panels written, each with
+      its `panel` array.
+    """
+    if count <= 0 or len(result.scores) == 0:
+        return []
+    vmin, vmax = float(result.maps.min()), float(result.maps.max())
+    entries = []
+    for i in select_heatmap_indices(result, count):
+        panel = heatmap_panel(
+            result.images[i], result.masks[i], result.maps[i],
+            float(result.scores[i]), vmin, vmax, title=names[i],
+        )  # fmt: skip
+        file_name = panel_file_name(names[i])
+        save_png(os.path.join(directory, file_name), panel)
+        entries.append(
+            {"image": file_name, "name": names[i], "score": float(result.scores[i]),
+             "label": int(result.labels[i]), "panel": panel}
+        )  # fmt: skip
+    return entries
+
+
+def write_score_report(
+    result: evaluate.SplitResult, directory: str, entries, threshold, title
+) -> None:
+    """The score histogram (normal vs anomalous, threshold drawn) and the gallery."""
+    labels = result.labels.astype(bool)
+    histogram = score_histogram(
+        result.scores[~labels],
+        result.scores[labels],
+        {threshold["rule"].split(" of ")[0]: threshold["image"]},
+        title=title,
+    )
+    save_png(os.path.join(directory, GALLERY_HISTOGRAM), histogram)
+    for entry in entries:
+        entry["decision"] = int(entry["score"] >= threshold["image"])
+    write_gallery(
+        directory,
+        [{k: v for k, v in e.items() if k != "panel"} for e in entries],
+        title,
+        subtitle=f"threshold: {threshold['rule']}",
+    )
+
+
+def write_category(
+    report: CategoryReport, workdir: str, num_heatmaps: int, writer: MetricWriter
+) -> None:
+    """Heatmap panels, histogram, gallery and TensorBoard images of a category."""
+    directory = os.path.join(workdir, "heatmaps", report.category)
+    entries = write_heatmaps(report.test, directory, num_heatmaps, report.names)
+    write_score_report(
+        report.test, directory, entries, report.threshold, report.category
+    )
+    writer.images(
+        report.step, {f"heatmaps/{e['name']}": e["panel"] for e in entries[:4]}
+    )
+
+
+def summarize(results: Mapping[str, Mapping[str, float]]) -> dict:
+    """Per-category metrics plus their mean over categories."""
+    names = sorted({k for r in results.values() for k in r})
+    mean = {
+        k: float(np.mean([r[k] for r in results.values() if k in r])) for k in names
+    }
+    return {"categories": dict(results), "mean": mean}
+
+
+def write_results(
+    workdir: str, results: Mapping[str, Mapping[str, float]], title: str
+) -> None:
+    """Writes metrics.json and results.md atomically."""
+    atomic_write_json(os.path.join(workdir, "metrics.json"), summarize(results))
+    present = {k for r in results.values() for k in r}
+    names = [k for k in REPORTED_METRICS if k in present] or sorted(present)
+    table = results_markdown(results, names, title)
+    atomic_write_text(os.path.join(workdir, "results.md"), table)
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    """Rows of equal keys as a CSV file, written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, buffer.getvalue())
+
+
+def prediction_colour_scale(
+    chosen: dict, calibration: dict, maps: np.ndarray
+) -> tuple[float, float]:
+    """A fixed scale: normal pixels low, the pixel threshold at mid-scale."""
+    normal = calibration.get("normal")
+    low = float(normal["pixel_quantiles"]["0.5"]) if normal else float(np.median(maps))
+    high = chosen["pixel"] + (chosen["pixel"] - low)
+    if not np.isfinite(high) or high <= low:
+        low, high = float(maps.min()), float(maps.max())
+    return low, high
+
+
+def write_predictions(
+    output: str, category: str, rows: list[dict], result, chosen, calibration, count
+) -> None:
+    """predictions.csv, summary.json, the most anomalous panels and their gallery."""
+    write_csv(os.path.join(output, "predictions.csv"), rows)
+    atomic_write_json(
+        os.path.join(output, "summary.json"),
+        {"category": category, "thresholds": chosen, "images": len(rows),
+         "anomalous": int(sum(r["decision"] for r in rows))},
+    )  # fmt: skip
+    vmin, vmax = prediction_colour_scale(chosen, calibration, result.maps)
+    entries = []
+    for i in np.argsort(-result.scores, kind="stable")[:count]:
+        row = rows[i]
+        panel = heatmap_panel(
+            result.images[i], result.maps[i] >= chosen["pixel"], result.maps[i],
+            row["score"], vmin, vmax, title=row["path"], mask_name="predicted mask",
+        )  # fmt: skip
+        name = panel_file_name(row["path"])
+        save_png(os.path.join(output, "heatmaps", name), panel)
+        entries.append(
+            {"image": f"heatmaps/{name}", "name": row["path"], "score": row["score"],
+             "label": None, "decision": row["decision"]}
+        )  # fmt: skip
+    write_gallery(
+        output, entries, "Predictions", subtitle=f"threshold: {chosen['rule']}"
+    )
+
+
+class MetricWriter:
+    """TensorBoard scalars and images (`flax.metrics.tensorboard`), process 0 only."""
+
+    def __init__(self, logdir: str):
+        self._writer = None
+        if jax.process_index() == 0:
+            # Imported here: it imports TensorFlow, which only a logging
+            # process needs (accelerator hosts may run without it).
+            from flax.metrics import tensorboard
+
+            self._writer = tensorboard.SummaryWriter(logdir)
+
+    def scalars(self, step: int, values: Mapping[str, float]) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.scalar(name, value, step)
+
+    def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+        if self._writer is not None:
+            for name, image in images.items():
+                self._writer.image(name, image, step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()

@@ -20,6 +20,7 @@ import os
 
 import ml_collections
 import numpy as np
+from absl import logging
 
 from recontrast_jax import metrics, reports
 
@@ -168,6 +169,15 @@ def choose(calibration: dict, cfg: ml_collections.ConfigDict) -> dict:
             "rule": f"mean + {cfg.k} std of the scores of {where}",
         }
     raise ValueError(f"Unknown threshold rule {rule!r}; use one of {RULES}.")
+
+
+def choose_or_fixed(calibration: dict, cfg: ml_collections.ConfigDict) -> dict:
+    """`choose`, falling back to the fixed thresholds when the rule cannot be met."""
+    try:
+        return choose(calibration, cfg)
+    except ValueError as e:
+        logging.warning("%s; using the fixed thresholds instead.", e)
+        return choose(calibration, ml_collections.ConfigDict(dict(cfg, rule="fixed")))
 
 
 def normalize(scores, threshold: float):

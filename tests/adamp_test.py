@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from recontrast_jax.adamp import adamp
+from recontrast_jax.methods.adamp import adamp
 
 LR, WD, DELTA, WD_RATIO, EPS = 0.1, 0.1, 0.1, 0.1, 1e-8
 B1, B2 = 0.9, 0.999

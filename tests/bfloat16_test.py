@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy import stats
 
-from recontrast_jax import default_config, evaluate, parallel, train
+from recontrast_jax import default_config, parallel
+from recontrast_jax.methods import recontrast as recontrast_method
 from recontrast_jax.models import layers
 
 
@@ -44,11 +45,16 @@ def test_bfloat16_training_and_maps_stay_close_to_float32():
     losses, states = {}, {}
     for dtype in ("float32", "bfloat16"):
         config = quick_config(dtype)
-        tx = train.make_optimizer(config.optimizer)
+        tx = recontrast_method.make_optimizer(config.optimizer)
         state = parallel.replicate(
-            mesh, train.create_train_state("resnet_tiny", 64, tx, jax.random.key(0))
+            mesh,
+            recontrast_method.create_train_state(
+                "resnet_tiny", 64, tx, jax.random.key(0)
+            ),
         )
-        step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+        step = recontrast_method.compile_train_step(
+            config, tx, mesh, encoder_train=True
+        )
         batch = parallel.global_batch(mesh, {"image": images})["image"]
         losses[dtype] = []
         for _ in range(10):
@@ -61,7 +67,7 @@ def test_bfloat16_training_and_maps_stay_close_to_float32():
     # Same weights, both dtypes at inference: maps close, image ranking kept.
     maps = {}
     for dtype in ("float32", "bfloat16"):
-        predict = evaluate.compile_predict(quick_config(dtype), mesh)
+        predict = recontrast_method.compile_predict(quick_config(dtype), mesh)
         maps[dtype], _ = predict(states["float32"], jnp.asarray(images))
     m32, m16 = (np.asarray(maps[d]) for d in ("float32", "bfloat16"))
     assert np.abs(m16 - m32).max() <= 0.05 * (m32.max() - m32.min())

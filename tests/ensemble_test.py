@@ -5,8 +5,9 @@ import pytest
 from patchcore_test import tiny_config
 from scipy import stats
 
-from recontrast_jax import parallel, patchcore, thresholds, train
+from recontrast_jax import evaluate, parallel, run, thresholds
 from recontrast_jax.data import folder
+from recontrast_jax.methods import patchcore
 
 ARCHS = ("resnet_tiny", "densenet_tiny")
 
@@ -19,7 +20,7 @@ def scipy_zscore(values, reference):
 
 def test_normalization_stats_and_zscore_match_scipy():
     rng = np.random.default_rng(0)
-    result = patchcore.evaluate.SplitResult(
+    result = evaluate.SplitResult(
         maps=rng.gamma(2.0, size=(5, 8, 8)).astype(np.float32),
         scores=rng.gamma(3.0, size=7).astype(np.float32),
         masks=None, labels=None, images=None,
@@ -45,7 +46,7 @@ def ensemble_run(tmp_path_factory):
     config = tiny_config(data)
     config.patchcore.ensemble = ARCHS
     workdir = tmp_path_factory.mktemp("work")
-    metrics = train.train_and_evaluate(config, str(workdir))["categories"]["brick"]
+    metrics = run.run(config, str(workdir))["categories"]["brick"]
     return config, workdir, metrics
 
 
@@ -55,20 +56,18 @@ def test_ensemble_is_the_mean_of_per_model_modified_z_scores(ensemble_run):
     train_samples, _ = thresholds.holdout_split(
         files.train, config.data.holdout_fraction, config.seed
     )
-    models = patchcore.restore_models(config, str(workdir), "brick")
-    assert len(models) == 2
     mesh = parallel.make_mesh()
+    models = patchcore.restore(config, str(workdir), "brick", mesh)
+    assert len(models) == 2
     score_parts, map_parts = [], []
     for arch, model in zip(ARCHS, models, strict=True):
         single = patchcore.compile_predict(config, mesh, archs=(arch,))
-        on_train = patchcore.evaluate_models(
-            [model], single, train_samples, config, mesh
-        )
-        on_test = patchcore.evaluate_models([model], single, files.test, config, mesh)
+        on_train = evaluate.evaluate_split(single, [model], train_samples, config, mesh)
+        on_test = evaluate.evaluate_split(single, [model], files.test, config, mesh)
         score_parts.append(scipy_zscore(on_test.scores, on_train.scores))
         map_parts.append(scipy_zscore(on_test.maps, on_train.maps.ravel()))
-    combined = patchcore.evaluate_models(
-        models, patchcore.compile_predict(config, mesh), files.test, config, mesh
+    combined = evaluate.evaluate_split(
+        patchcore.compile_predict(config, mesh), models, files.test, config, mesh
     )
     np.testing.assert_allclose(
         combined.scores, np.mean(score_parts, 0), rtol=1e-4, atol=1e-4

@@ -2,7 +2,7 @@
 
 The oracle is the training/evaluation path run in this process: PIL resize +
 center crop (``input_pipeline.resize_and_crop_uint8``), ``normalize_uint8`` and
-``evaluate.predict`` on the live state. The artifact instead receives only the
+``recontrast_method.predict`` on the live state. The artifact instead receives only the
 resized uint8 images and must crop, normalise and predict by itself, from its
 embedded constants, for any batch size.
 """
@@ -17,8 +17,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recontrast_jax import default_config, evaluate, export, train
+from recontrast_jax import default_config, export
 from recontrast_jax.data import input_pipeline
+from recontrast_jax.methods import recontrast as recontrast_method
 
 IMAGE_SIZE = 40
 CROP_SIZE = 32
@@ -26,7 +27,8 @@ EXTRA = {"threshold": 0.125, "category": "bottle"}
 
 # One jitted reference shared by all tests, so equal shapes compile once.
 _jit_predict = jax.jit(
-    evaluate.predict, static_argnames=("arch", "sigma", "score_rule", "max_ratio")
+    recontrast_method.predict,
+    static_argnames=("arch", "sigma", "score_rule", "max_ratio"),
 )
 
 
@@ -42,8 +44,10 @@ def _config(image_size=IMAGE_SIZE):
 
 @pytest.fixture(scope="module")
 def state():
-    tx = train.make_optimizer(_config().optimizer)
-    return train.create_train_state("resnet_tiny", CROP_SIZE, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(_config().optimizer)
+    return recontrast_method.create_train_state(
+        "resnet_tiny", CROP_SIZE, tx, jax.random.key(0)
+    )
 
 
 @pytest.fixture(scope="module")

@@ -5,15 +5,18 @@ import numpy as np
 import pytest
 from train_test import tiny_config
 
-from recontrast_jax import checkpointing, parallel, train
+from recontrast_jax import checkpointing, parallel, run
 from recontrast_jax.data import folder
+from recontrast_jax.methods import recontrast as recontrast_method
 
 
 def final_params(config, workdir):
-    train.train_and_evaluate(config, str(workdir))
+    run.run(config, str(workdir))
     ckpt = checkpointing.manager(str(workdir / "checkpoints" / "brick"))
-    tx = train.make_optimizer(config.optimizer)
-    template = train.create_train_state("resnet_tiny", 32, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(config.optimizer)
+    template = recontrast_method.create_train_state(
+        "resnet_tiny", 32, tx, jax.random.key(0)
+    )
     return jax.device_get(checkpointing.restore_latest(ckpt, template).params)
 
 
@@ -41,12 +44,16 @@ def test_cached_and_recomputed_frozen_features_train_alike(tmp_path, tiny_datase
 def test_cache_holds_the_frozen_features_of_every_image(tiny_dataset):
     config = tiny_config(tiny_dataset)
     samples = folder.scan_category(tiny_dataset, "brick").train
-    tx = train.make_optimizer(config.optimizer)
-    state = train.create_train_state("resnet_tiny", 32, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(config.optimizer)
+    state = recontrast_method.create_train_state(
+        "resnet_tiny", 32, tx, jax.random.key(0)
+    )
     mesh = parallel.make_mesh()
-    cache = train.frozen_feature_cache(config, state, samples, mesh)
+    cache = recontrast_method.frozen_feature_cache(config, state, samples, mesh)
     assert [c.shape for c in cache] == [(6, 8, 8, 16), (6, 4, 4, 32), (6, 2, 2, 64)]
-    assert train.frozen_feature_bytes(config, 6) == sum(c.nbytes for c in cache)
+    assert recontrast_method.frozen_feature_bytes(config, 6) == sum(
+        c.nbytes for c in cache
+    )
     # Row i is E_f applied to image i alone.
     from recontrast_jax.data import input_pipeline
     from recontrast_jax.models import recontrast
@@ -67,4 +74,4 @@ def test_auto_caches_when_it_fits(mode, budget_mb, expected):
     config = tiny_config()
     config.train.frozen_cache, config.train.frozen_cache_mb = mode, budget_mb
     # 6 images of 32 px: (16*64 + 32*16 + 64*4) * 4 bytes * 6 = 43,008 bytes < 1 MB.
-    assert train.use_frozen_cache(config, 6) == expected
+    assert recontrast_method.use_frozen_cache(config, 6) == expected

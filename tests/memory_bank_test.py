@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import cdist
 
-from recontrast_jax import memory_bank
+from recontrast_jax.methods import memory_bank
 
 
 def _rng(seed=0):

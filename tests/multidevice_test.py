@@ -26,7 +26,8 @@ RUN_STEPS = textwrap.dedent(
     import sys
     import jax, numpy as np
     import ml_collections
-    from recontrast_jax import default_config, parallel, train
+    from recontrast_jax import default_config, parallel
+    from recontrast_jax.methods import recontrast as recontrast_method
 
     config = default_config.get_config()
     config.model.arch = "resnet_tiny"
@@ -34,10 +35,10 @@ RUN_STEPS = textwrap.dedent(
     config.optimizer.eps = 1e-2
     mesh = parallel.make_mesh()
     assert jax.device_count() == int(sys.argv[2]), jax.devices()
-    tx = train.make_optimizer(config.optimizer)
-    state = train.create_train_state("resnet_tiny", 64, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(config.optimizer)
+    state = recontrast_method.create_train_state("resnet_tiny", 64, tx, jax.random.key(0))
     state = parallel.replicate(mesh, state)
-    step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+    step = recontrast_method.compile_train_step(config, tx, mesh, encoder_train=True)
     rng = np.random.default_rng(0)
     losses = []
     for _ in range(4):

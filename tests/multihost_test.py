@@ -49,8 +49,8 @@ WORKER = textwrap.dedent(
     """
     import sys
     import jax, numpy as np
-    from recontrast_jax import (
-        checkpointing, default_config, distributed, evaluate, parallel, train)
+    from recontrast_jax import checkpointing, default_config, distributed, evaluate, parallel
+    from recontrast_jax.methods import recontrast as recontrast_method
     from recontrast_jax.data import folder, input_pipeline
 
     out, data_root, ckpt_dir = sys.argv[1:4]
@@ -64,12 +64,12 @@ WORKER = textwrap.dedent(
     config.optimizer.eps = 1e-4
     config.eval.batch_size = 3  # padded to 4 rows for the 2 devices
     mesh = parallel.make_mesh()
-    tx = train.make_optimizer(config.optimizer)
+    tx = recontrast_method.make_optimizer(config.optimizer)
     # Jitted: one compilation instead of one per initialiser op.
-    state = jax.jit(lambda key: train.create_train_state("resnet_tiny", 32, tx, key))(
+    state = jax.jit(lambda key: recontrast_method.create_train_state("resnet_tiny", 32, tx, key))(
         jax.random.key(0))
     state = parallel.replicate(mesh, state)
-    step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+    step = recontrast_method.compile_train_step(config, tx, mesh, encoder_train=True)
     rng = np.random.default_rng(0)
     losses, rows_fed = [], []
     for _ in range(3):
@@ -86,7 +86,7 @@ WORKER = textwrap.dedent(
     params = jax.tree_util.tree_leaves((state.params, state.batch_stats))
     params = [parallel.to_host(p) for p in params]
     samples = folder.scan_category(data_root, "brick").test
-    predict_fn = evaluate.compile_predict(config, mesh)
+    predict_fn = recontrast_method.compile_predict(config, mesh)
     result = evaluate.evaluate_split(predict_fn, state, samples, config, mesh)
     saved = dict(
         losses=np.array(losses), rows_fed=np.array(rows_fed),

@@ -392,7 +392,8 @@ def test_reconpatch_notebook(tmp_path, kernel_env):
     assert masks
     assert anomalous.sum() == anomalous_cells_from_mask_files(masks, 32, 8)
     # f(p) is the checkpointed linear layer f applied to p.
-    from recontrast_jax import checkpointing, patchcore
+    from recontrast_jax import checkpointing
+    from recontrast_jax.methods import patchcore
 
     ckpt = checkpointing.manager(str(workdir / "reconpatch" / "checkpoints" / "grass"))
     head = patchcore.saved_model(ckpt)["head"]["f"]

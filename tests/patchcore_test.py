@@ -11,13 +11,14 @@ from scipy.spatial.distance import cdist
 from recontrast_jax import (
     checkpointing,
     default_config,
+    evaluate,
     export,
     parallel,
-    patchcore,
     predict,
-    train,
+    run,
 )
 from recontrast_jax.data import folder, input_pipeline
+from recontrast_jax.methods import patchcore
 
 
 def tiny_config(root, method="patchcore"):
@@ -75,8 +76,12 @@ def test_scores_equal_brute_force_nearest_neighbours(tiny_dataset, with_head):
     bank = train_features.reshape(-1, train_features.shape[-1])[::3]
     model.update(bank=jnp.asarray(bank), head=head if with_head else {})
     mesh = parallel.make_mesh()
-    result = patchcore.evaluate_models(
-        [model], patchcore.compile_predict(config, mesh), files.test, config, mesh
+    result = evaluate.evaluate_split(
+        patchcore.compile_predict(config, mesh),
+        parallel.replicate(mesh, [model]),
+        files.test,
+        config,
+        mesh,
     )
     test = project(frozen_features(model, files.test, settings))
     expected = np.stack([cdist(t, bank).min(axis=1).max() for t in test])
@@ -95,7 +100,7 @@ def fitted_run(tmp_path_factory):
     )
     config = tiny_config(data, method="reconpatch")
     workdir = tmp_path_factory.mktemp("work")
-    summary = train.train_and_evaluate(config, str(workdir))
+    summary = run.run(config, str(workdir))
     return config, workdir, summary["categories"]["brick"]
 
 
@@ -116,16 +121,14 @@ def test_reconpatch_end_to_end_checkpoint_holds_bank(fitted_run):
 
 def test_evaluate_mode_reproduces_the_training_run(fitted_run):
     config, workdir, metrics = fitted_run
-    config = config.copy_and_resolve_references()
-    config.mode = "evaluate"
-    again = train.train_and_evaluate(config, str(workdir))["categories"]["brick"]
+    again = run.run(config, str(workdir), fit=False)["categories"]["brick"]
     for name in ("image_auroc", "pixel_auroc", "aupro"):
         assert again[name] == metrics[name]
 
 
 def test_rerun_restores_instead_of_refitting(fitted_run):
     config, workdir, metrics = fitted_run
-    again = train.train_and_evaluate(config, str(workdir))["categories"]["brick"]
+    again = run.run(config, str(workdir))["categories"]["brick"]
     assert again["restored"] == 1.0 and again["image_auroc"] == metrics["image_auroc"]
 
 
@@ -138,22 +141,20 @@ def test_predict_and_export_agree_with_evaluation(fitted_run, tmp_path):
     for i, sample in enumerate(good):
         (tmp_path / "in" / f"{i}.png").write_bytes(open(sample.path, "rb").read())
     config.predict.input = str(tmp_path / "in")
-    config.mode = "predict"
     output = predict.predict(config, str(workdir))[0]
     rows = open(output + "/predictions.csv").read().splitlines()[1:]
     scored = predict.score_samples(config, str(workdir), "brick", good)
     csv_scores = [float(r.split(",")[1]) for r in sorted(rows)]
     np.testing.assert_allclose(csv_scores, scored.scores, rtol=1e-6)
 
-    config.mode = "export"
     config.export.directory = str(tmp_path / "export")
     export.export_categories(config, str(workdir))
-    run, metadata = export.load_exported(config.export.directory)
+    exported, metadata = export.load_exported(config.export.directory)
     assert metadata["method"] == "reconpatch"
     images = np.stack(
         [export.preprocess_for_export(folder.load_rgb(s.path), 32) for s in good]
     )
-    maps, scores = run(images)
+    maps, scores = exported(images)
     np.testing.assert_allclose(scores, scored.scores, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(maps, scored.maps, rtol=1e-5, atol=1e-5)
 
@@ -161,7 +162,7 @@ def test_predict_and_export_agree_with_evaluation(fitted_run, tmp_path):
 def test_patchcore_end_to_end(tmp_path, tiny_dataset):
     config = tiny_config(tiny_dataset)
     workdir = tmp_path / "work"
-    train.train_and_evaluate(config, str(workdir))
+    run.run(config, str(workdir))
     metrics = json.loads((workdir / "metrics.json").read_text())["categories"]["brick"]
     assert 0.0 <= metrics["image_auroc"] <= 1.0 and 0.0 <= metrics["aupro"] <= 1.0
     ckpt = checkpointing.manager(str(workdir / "checkpoints" / "brick"))

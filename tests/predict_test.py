@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recontrast_jax import checkpointing, default_config, export, predict, train
+from recontrast_jax import checkpointing, default_config, export, predict, run
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def trained(tmp_path_factory):
     config.eval.every = 2
     config.report.num_heatmaps = 2
     workdir = str(tmp / "work")
-    summary = train.train_and_evaluate(config, workdir)
+    summary = run.run(config, workdir)
     return config, workdir, summary, data
 
 
@@ -56,28 +56,22 @@ def mixed_folder(root, data):
 
 def test_evaluate_mode_reproduces_the_final_metrics(trained):
     config, workdir, summary, _ = trained
-    evaluation = train.train_and_evaluate(_mode(config, "evaluate"), workdir)
+    evaluation = run.run(config, workdir, fit=False)
     for key, value in summary["categories"]["grass"].items():
         if not key.endswith("_seconds"):
             assert evaluation["categories"]["grass"][key] == value, key
 
 
-def _mode(config, mode):
-    copy = config.copy_and_resolve_references()
-    copy.mode = mode
-    return copy
-
-
 def test_evaluate_without_checkpoint_fails_clearly(trained, tmp_path):
     config, *_ = trained
     with pytest.raises(checkpointing.NoCheckpointError, match="train first"):
-        train.train_and_evaluate(_mode(config, "evaluate"), str(tmp_path / "empty"))
+        run.run(config, str(tmp_path / "empty"), fit=False)
 
 
 def test_predict_writes_csv_overlays_and_gallery(trained, tmp_path):
     config, workdir, _, data = trained
     expected = mixed_folder(tmp_path / "in", data)
-    config = _mode(config, "predict")
+    config = config.copy_and_resolve_references()
     config.predict.input = str(tmp_path / "in")
     (output,) = predict.predict(config, workdir)
     with open(os.path.join(output, "predictions.csv")) as f:
@@ -100,15 +94,15 @@ def test_predict_writes_csv_overlays_and_gallery(trained, tmp_path):
 def test_export_scores_equal_predict_scores(trained, tmp_path):
     config, workdir, _, data = trained
     names = mixed_folder(tmp_path / "in", data)
-    config = _mode(config, "predict")
+    config = config.copy_and_resolve_references()
     config.predict.input = str(tmp_path / "in")
     config.predict.output = str(tmp_path / "pred")
     predict.predict(config, workdir)
     with open(tmp_path / "pred" / "predictions.csv") as f:
         predicted = {r["path"]: float(r["score"]) for r in csv.DictReader(f)}
     config.export.directory = str(tmp_path / "export")
-    (directory,) = export.export_categories(_mode(config, "export"), workdir)
-    run, metadata = export.load_exported(directory)
+    (directory,) = export.export_categories(config, workdir)
+    exported, metadata = export.load_exported(directory)
     assert metadata["thresholds"]["rule"].startswith("0.99 quantile")
     from recontrast_jax.data import folder
 
@@ -118,5 +112,5 @@ def test_export_scores_equal_predict_scores(trained, tmp_path):
             for n in names
         ]
     )
-    _, scores = run(images)
+    _, scores = exported(images)
     np.testing.assert_allclose(scores, [predicted[n] for n in names], atol=1e-5)

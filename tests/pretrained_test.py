@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from recontrast_jax import checkpointing, convert, default_config, pretrained, train
+from recontrast_jax import checkpointing, convert, default_config, pretrained, run
+from recontrast_jax.methods import recontrast as recontrast_method
 from recontrast_jax.models import recontrast
 
 ARCH = "resnet_tiny_bottleneck"
@@ -101,8 +102,10 @@ def test_pretrained_file_becomes_encoder_and_frozen_encoder(tmp_path, suffix):
         np.savez(path, **state_dict)
     else:
         pretrained.save_msgpack(path, encoder)
-    tx = train.make_optimizer(default_config.get_config().optimizer)
-    state = train.create_train_state(ARCH, 32, tx, jax.random.key(1), pretrained=path)
+    tx = recontrast_method.make_optimizer(default_config.get_config().optimizer)
+    state = recontrast_method.create_train_state(
+        ARCH, 32, tx, jax.random.key(1), pretrained=path
+    )
     state = jax.device_get(state)
     assert_trees_equal(state.params["encoder"], encoder["params"])
     assert_trees_equal(state.batch_stats["encoder"], encoder["batch_stats"])
@@ -200,8 +203,8 @@ def test_convert_writes_a_checkpoint_main_evaluates(tmp_path, tiny_dataset):
     workdir = str(tmp_path / "work")
     directory = convert.import_checkpoint(path, config, workdir, "brick")
 
-    tx = train.make_optimizer(config.optimizer)
-    target = train.create_train_state(ARCH, 32, tx, jax.random.key(9))
+    tx = recontrast_method.make_optimizer(config.optimizer)
+    target = recontrast_method.create_train_state(ARCH, 32, tx, jax.random.key(9))
     restored = jax.device_get(
         checkpointing.restore_latest(checkpointing.manager(directory), target)
     )
@@ -210,7 +213,7 @@ def test_convert_writes_a_checkpoint_main_evaluates(tmp_path, tiny_dataset):
     assert_trees_equal(restored.batch_stats, variables["batch_stats"])
     assert_trees_equal(restored.frozen, frozen)
 
-    summary = train.train_and_evaluate(config, workdir)  # evaluates, trains nothing
+    summary = run.run(config, workdir)  # evaluates, trains nothing
     result = summary["categories"]["brick"]
     assert result["steps"] == 7 and result["train_seconds"] < 1.0
     assert 0.0 <= result["pixel_auroc"] <= 1.0

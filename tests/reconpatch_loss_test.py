@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recontrast_jax import reconpatch_loss as rl
+from recontrast_jax.methods import reconpatch_loss as rl
 
 
 def _on_a_line(xs):

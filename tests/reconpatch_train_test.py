@@ -19,14 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from recontrast_jax import (
-    adamp,
-    checkpointing,
-    default_config,
-    parallel,
-    reconpatch_loss,
-    reconpatch_train,
-)
+from recontrast_jax import checkpointing, default_config, parallel
+from recontrast_jax.methods import adamp, reconpatch_loss
+from recontrast_jax.methods import reconpatch as reconpatch_method
 from recontrast_jax.models import reconpatch
 
 
@@ -60,13 +55,13 @@ def test_step_uses_target_for_labels_online_for_loss_then_ema():
     cfg = config.reconpatch
     rng = np.random.default_rng(0)
     patches = rng.normal(size=(16, 10)).astype(np.float32)
-    tx = reconpatch_train.make_optimizer(cfg, steps_in_epoch=1)
-    state = reconpatch_train.init_state(cfg, 10, tx, jax.random.key(0))
+    tx = reconpatch_method.make_optimizer(cfg, steps_in_epoch=1)
+    state = reconpatch_method.init_state(cfg, 10, tx, jax.random.key(0))
     # A target that differs from the online network, to see which one is used.
     target = jax.tree_util.tree_map(lambda x: x * 0.5 + 0.01, state.params)
     state = state.replace(target_params=target)
     new, metrics = jax.jit(
-        lambda s, p: reconpatch_train.train_step(s, p, cfg=cfg, tx=tx)
+        lambda s, p: reconpatch_method.train_step(s, p, cfg=cfg, tx=tx)
     )(state, patches)
 
     labels = reconpatch_loss.reconpatch_labels(
@@ -100,7 +95,7 @@ def test_step_uses_target_for_labels_online_for_loss_then_ema():
 
 
 def test_cosine_schedule_is_per_epoch_like_cosine_annealing_lr():
-    schedule = reconpatch_train.cosine_per_epoch(1e-3, epochs=4, steps_in_epoch=5)
+    schedule = reconpatch_method.cosine_per_epoch(1e-3, epochs=4, steps_in_epoch=5)
     # CosineAnnealingLR(T_max=4), stepped per epoch: lr * (1 + cos(pi e / 4)) / 2.
     for step in range(20):
         epoch = step // 5
@@ -109,14 +104,14 @@ def test_cosine_schedule_is_per_epoch_like_cosine_annealing_lr():
 
 
 def test_batches_cover_the_pool_once_per_epoch():
-    order = reconpatch_train.epoch_order(3, 1, 50)
+    order = reconpatch_method.epoch_order(3, 1, 50)
     mesh = parallel.make_mesh()
     seen = np.concatenate(
-        [reconpatch_train.local_batch(np.arange(50)[:, None], order, i, 16, mesh)[:, 0]
-         for i in range(reconpatch_train.steps_per_epoch(50, 16))]
+        [reconpatch_method.local_batch(np.arange(50)[:, None], order, i, 16, mesh)[:, 0]
+         for i in range(reconpatch_method.steps_per_epoch(50, 16))]
     )  # fmt: skip
     assert len(seen) == 48 and len(set(seen.tolist())) == 48
-    assert not np.array_equal(order, reconpatch_train.epoch_order(3, 2, 50))
+    assert not np.array_equal(order, reconpatch_method.epoch_order(3, 2, 50))
 
 
 class Interrupted(Exception):
@@ -137,7 +132,7 @@ def test_resume_after_interruption_gives_identical_parameters(tmp_path):
             if step == interrupt_at:
                 raise Interrupted
 
-        return reconpatch_train.train_modulation(config, pool, mesh, ckpt, save)
+        return reconpatch_method.train_modulation(config, pool, mesh, ckpt, save)
 
     straight, info = run(tmp_path / "a")
     assert info["steps"] == 3 * 2  # 40 patches, batch 16: 2 steps per epoch
@@ -153,7 +148,8 @@ RUN_STEPS = textwrap.dedent(
     """
     import sys
     import jax, numpy as np
-    from recontrast_jax import checkpointing, default_config, parallel, reconpatch_train
+    from recontrast_jax import checkpointing, default_config, parallel
+    from recontrast_jax.methods import reconpatch as reconpatch_method
 
     config = default_config.get_config()
     cfg = config.reconpatch
@@ -164,7 +160,7 @@ RUN_STEPS = textwrap.dedent(
     assert jax.device_count() == int(sys.argv[2]), jax.devices()
     pool = np.random.default_rng(1).normal(size=(48, 10)).astype(np.float32)
     ckpt = checkpointing.manager(sys.argv[1] + "_ckpt")
-    params, info = reconpatch_train.train_modulation(
+    params, info = reconpatch_method.train_modulation(
         config, pool, parallel.make_mesh(), ckpt, lambda *a: None)
     np.savez(sys.argv[1], loss=info["loss"], f=params["f"]["kernel"],
              g=params["g"]["kernel"])

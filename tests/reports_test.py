@@ -1,27 +1,22 @@
-"""Tests for recontrast_jax.reports (atomic files, jet colours, panels, tables)."""
+"""Tests for recontrast_jax.reports (atomic files, plots, tables, galleries)."""
 
 import json
 import os
 import re
+from concurrent.futures import ThreadPoolExecutor
 from html.parser import HTMLParser
 
+import matplotlib
 import numpy as np
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Normalize
 from PIL import Image
 
 from recontrast_jax import reports
 
-# matplotlib's 'jet' definition (matplotlib/_cm.py, _jet_data), copied here as the
-# oracle: (x, value) breakpoints per channel, linear in between.
-JET_RED = ([0.0, 0.35, 0.66, 0.89, 1.0], [0.0, 0.0, 1.0, 1.0, 0.5])
-JET_GREEN = ([0.0, 0.125, 0.375, 0.64, 0.91, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
-JET_BLUE = ([0.0, 0.11, 0.34, 0.65, 1.0], [0.5, 1.0, 1.0, 0.0, 0.0])
-
-
-def _jet_reference(x):
-    return 255.0 * np.stack(
-        [np.interp(x, *JET_RED), np.interp(x, *JET_GREEN), np.interp(x, *JET_BLUE)], -1
-    )
+# The oracle for colours: matplotlib's own colour map, as imshow would use it.
+JET = matplotlib.colormaps["jet"]
 
 
 def _leftovers(directory):
@@ -81,24 +76,33 @@ def test_failed_write_mid_stream_removes_temp_and_keeps_file(tmp_path, monkeypat
     assert _leftovers(tmp_path) == []
 
 
-def test_colorize_endpoints_and_middle():
-    rgb = reports.colorize(np.array([[0.0, 5.0, 10.0]]), vmin=0.0, vmax=10.0)
-    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
-    low, mid, high = rgb[0].astype(int)
-    # Dark blue (0, 0, ~128), dark red (~128, 0, 0), greenish in the middle.
-    np.testing.assert_allclose(low, [0, 0, 127.5], atol=1)
-    np.testing.assert_allclose(high, [127.5, 0, 0], atol=1)
-    assert mid[1] == 255 and mid[0] < 160 and mid[2] < 160
-    np.testing.assert_allclose(mid, _jet_reference(0.5), atol=3)
+def _jet_bytes(fraction):
+    return np.asarray(JET(fraction, bytes=True))[..., :3]
 
 
-def test_colorize_matches_jet_definition_and_clips():
+def test_colorize_ends_are_jets_ends_and_values_clip():
+    rgb = reports.colorize(np.array([[-5.0, 0.0, 10.0, 15.0]]), vmin=0.0, vmax=10.0)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 4, 3)
+    low, high = _jet_bytes(0.0), _jet_bytes(1.0)
+    np.testing.assert_array_equal(rgb[0], [low, low, high, high])
+    assert low[2] > 100 and low[:2].max() == 0  # dark blue
+    assert high[0] > 100 and high[1:].max() == 0  # dark red
+
+
+def test_colorize_matches_imshow_colours():
     values = np.linspace(-2.0, 3.0, 501).reshape(1, -1)
-    got = reports.colorize(values, vmin=-1.0, vmax=2.0).astype(float)
-    expected = _jet_reference(np.clip((values - -1.0) / 3.0, 0.0, 1.0))
-    # matplotlib quantises to 256 colours; the steepest jet segment changes by
-    # 4 * 255 / 256 per table entry, plus 1 for the truncation to bytes.
-    np.testing.assert_allclose(got, expected, atol=5)
+    got = reports.colorize(values, vmin=-1.0, vmax=2.0)
+    expected = JET(Normalize(-1.0, 2.0, clip=True)(values), bytes=True)[..., :3]
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_colorize_nan_and_empty_range_show_vmin():
+    low = _jet_bytes(0.0)
+    np.testing.assert_array_equal(
+        reports.colorize(np.array([[np.nan]]), 0.0, 1.0)[0, 0], low
+    )
+    flat = reports.colorize(np.array([[0.0, 3.0]]), vmin=1.0, vmax=1.0)
+    np.testing.assert_array_equal(flat[0], [low, low])
 
 
 def test_overlay_is_weighted_mean():
@@ -108,43 +112,119 @@ def test_overlay_is_weighted_mean():
     np.testing.assert_array_equal(got[0, 0], [125, 75, 88])  # 0.75*100 + 0.25*heat
 
 
-def test_heatmap_panel_layout_and_tiles():
-    h, w = 40, 30
+def _panel_inputs(h=40, w=30):
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
     mask = np.zeros((h, w), np.uint8)
     mask[10:20, 5:12] = 255
     amap = np.zeros((h, w))
     amap[:, w // 2 :] = 1.0
+    return image, mask, amap
 
-    panel = reports.heatmap_panel(
-        image, mask, amap, score=0.75, vmin=0.0, vmax=1.0, title="x.png"
+
+def _drawn_panel(monkeypatch, *args, **kwargs):
+    """The panel and the figure heatmap_panel rendered for it."""
+    figures = []
+    render = reports._render
+    monkeypatch.setattr(
+        reports, "_render", lambda fig: figures.append(fig) or render(fig)
     )
-    gap, caption = reports._GAP, 2 * reports._LINE_HEIGHT
-    assert panel.dtype == np.uint8
-    assert panel.shape == (caption + h, 4 * w + 3 * gap, 3)
+    panel = reports.heatmap_panel(*args, **kwargs)
+    (fig,) = figures
+    return panel, fig
 
-    def tile(i):
-        left = i * (w + gap)
-        return panel[caption:, left : left + w]
 
-    np.testing.assert_array_equal(tile(0), image)
-    expected_mask = np.zeros((h, w, 3), np.uint8)
-    expected_mask[10:20, 5:12] = 255
-    np.testing.assert_array_equal(tile(1), expected_mask)
-    np.testing.assert_allclose(tile(2)[0, 0], [0, 0, 127.5], atol=1)  # vmin: dark blue
-    np.testing.assert_allclose(tile(2)[0, -1], [127.5, 0, 0], atol=1)  # vmax: dark red
+def test_heatmap_panel_shows_named_tiles_score_and_scale(monkeypatch):
+    image, mask, amap = _panel_inputs()
+    panel, fig = _drawn_panel(
+        monkeypatch, image, mask, amap, 0.75, vmin=0.0, vmax=2.0, title="x.png"
+    )
+    assert panel.dtype == np.uint8 and panel.ndim == 3 and panel.shape[-1] == 3
+    assert panel.shape[:2] == tuple(int(v) for v in fig.bbox.size[::-1])
+    tiles = fig.axes[:4]
+    assert [ax.get_title() for ax in tiles] == list(reports.TILE_NAMES)
+    shown = [np.asarray(ax.images[0].get_array()) for ax in tiles]
+    np.testing.assert_array_equal(shown[0], image)
+    np.testing.assert_array_equal(shown[1], np.repeat(mask[..., None], 3, axis=-1))
+    np.testing.assert_array_equal(
+        shown[2][:, 0], np.broadcast_to(_jet_bytes(0.0), (40, 3))
+    )
+    np.testing.assert_array_equal(
+        shown[2][:, -1], np.broadcast_to(_jet_bytes(0.5), (40, 3))
+    )
     np.testing.assert_allclose(
-        tile(3).astype(float), (image.astype(float) + tile(2)) / 2, atol=1
+        shown[3].astype(float), (image.astype(float) + shown[2]) / 2, atol=0.5
     )
-    # The caption strip has text (dark pixels) on a white background.
-    assert (panel[:caption] < 100).any() and (panel[:caption] == 255).mean() > 0.5
+    assert [t.get_text() for t in fig.texts] == ["x.png  score 0.7500"]
+    colour_bar = fig.axes[4]
+    assert colour_bar.get_ylim() == (0.0, 2.0)
+
+
+def test_heatmap_panel_pixels_show_mask_and_map_colours():
+    image, mask, amap = _panel_inputs()
+    image[:] = 128  # grey, so the pure colours below come only from the tiles
+    panel = reports.heatmap_panel(image, mask, amap, 0.5, vmin=0.0, vmax=1.0)
+    pixels = panel.reshape(-1, 3)
+
+    def count(colour):
+        return int((pixels == colour).all(axis=-1).sum())
+
+    # The map's halves are vmin and vmax; tiles are enlarged, never smaller.
+    assert count(_jet_bytes(0.0)) >= 40 * 15
+    assert count(_jet_bytes(1.0)) >= 40 * 15
+    assert count([128, 128, 128]) >= 40 * 30
+    assert count([255, 255, 255]) >= 10 * 7 + 40 * 30  # mask and background
+
+
+def test_heatmap_panel_mask_name_and_missing_mask(monkeypatch):
+    image, _, amap = _panel_inputs()
+    _, fig = _drawn_panel(
+        monkeypatch,
+        image[..., 0],
+        None,
+        amap,
+        1.0,
+        0.0,
+        1.0,
+        mask_name="predicted mask",
+    )
+    assert fig.axes[1].get_title() == "predicted mask"
+    assert not np.asarray(fig.axes[1].images[0].get_array()).any()  # black
+    assert [t.get_text() for t in fig.texts] == ["score 1.0000"]
 
 
 def test_heatmap_panel_rejects_size_mismatch():
     image = np.zeros((8, 8), np.uint8)
     with pytest.raises(ValueError, match="anomaly map"):
         reports.heatmap_panel(image, None, np.zeros((4, 4)), 0.0, 0.0, 1.0)
+    with pytest.raises(ValueError, match="ground-truth mask"):
+        reports.heatmap_panel(image, np.zeros((4, 4)), np.zeros((8, 8)), 0.0, 0.0, 1.0)
+
+
+def test_heatmap_panel_draws_nan_map_and_score():
+    panel = reports.heatmap_panel(
+        np.zeros((8, 8), np.uint8), None, np.full((8, 8), np.nan), np.nan, 1.0, 1.0
+    )
+    assert panel.dtype == np.uint8 and panel.shape[-1] == 3
+
+
+def test_plots_from_threads_match_sequential_plots():
+    # Figures hold no shared state, so parallel workers draw the same pixels.
+    image, mask, amap = _panel_inputs()
+    scores = np.random.default_rng(2).normal(size=50)
+
+    def draw(i):
+        panel = reports.heatmap_panel(image, mask, amap * i, float(i), 0.0, 4.0)
+        return panel, reports.score_histogram(
+            scores + i, [], {"t": float(i)}, size=(320, 200)
+        )
+
+    expected = [draw(i) for i in range(2)]
+    with ThreadPoolExecutor(2) as pool:
+        got = list(pool.map(draw, range(2)))
+    for (panel, hist), (want_panel, want_hist) in zip(got, expected, strict=True):
+        np.testing.assert_array_equal(panel, want_panel)
+        np.testing.assert_array_equal(hist, want_hist)
 
 
 def test_save_png_roundtrip(tmp_path):
@@ -198,98 +278,101 @@ def _expected_range(values):
     return low - pad, high + pad
 
 
-def _expected_column(value, x_range, width):
-    left = reports.HIST_MARGIN_LEFT
-    right = width - reports.HIST_MARGIN_RIGHT - 1
-    low, high = x_range
-    return int(round(left + (value - low) / (high - low) * (right - left)))
-
-
-def _plot_rows(height):
-    # Below the stacked threshold labels, above the x axis.
-    top = reports.HIST_MARGIN_TOP + 3 * reports._LINE_HEIGHT
-    return slice(top, height - reports.HIST_MARGIN_BOTTOM - 2)
-
-
-def _reddish(pixels):
-    pixels = pixels.astype(int)
-    return (pixels[..., 0] - pixels[..., 2]) > 60
-
-
-def _bluish(pixels):
-    pixels = pixels.astype(int)
-    return (pixels[..., 2] - pixels[..., 0]) > 60
-
-
 def _separated_scores():
     rng = np.random.default_rng(3)
-    return rng.uniform(0.0, 1.0, 300), rng.uniform(3.0, 4.0, 300)
+    return rng.uniform(0.0, 1.0, 300), rng.uniform(3.0, 4.0, 70)
 
 
-def test_score_histogram_shape_and_dtype():
+def _bar_heights(ax):
+    return [np.array([bar.get_height() for bar in bars]) for bars in ax.containers]
+
+
+def _legend_texts(ax):
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_histogram_counts_match_numpy_with_shared_bins():
     normal, anomalous = _separated_scores()
-    image = reports.score_histogram(
-        normal, anomalous, {"t": 2.0}, title="x", size=(500, 300)
+    fig = reports.histogram_figure(normal, anomalous, {"t": 2.0}, bins=20)
+    (ax,) = fig.axes
+    x_range = _expected_range([*normal, *anomalous, 2.0])
+    normal_counts, anomalous_counts = _bar_heights(ax)
+    np.testing.assert_array_equal(
+        normal_counts, np.histogram(normal, bins=20, range=x_range)[0]
     )
-    assert image.dtype == np.uint8
-    assert image.shape == (300, 500, 3)
-
-
-def test_score_histogram_threshold_line_at_mapped_column():
-    normal, anomalous = _separated_scores()
-    width, height = 640, 400
-    threshold = 2.6
-    image = reports.score_histogram(
-        normal, anomalous, {"quantile 0.99": threshold}, size=(width, height)
+    np.testing.assert_array_equal(
+        anomalous_counts, np.histogram(anomalous, bins=20, range=x_range)[0]
     )
-    x_range = _expected_range([*normal, *anomalous, threshold])
-    column = _expected_column(threshold, x_range, width)
-    rows = _plot_rows(height)
-    black = (image[rows] == 0).all(axis=-1)
-    # Dashed: about 6 of every 10 pixels of the column are the line colour.
-    assert black[:, column].mean() > 0.5
-    # The gap between the groups is empty apart from the line itself.
-    for offset in (-4, -3, 3, 4):
-        assert not black[:, column + offset].any()
+    assert normal_counts.sum() == 300 and anomalous_counts.sum() == 70
+    for bars in ax.containers:
+        assert bars[0].get_x() == pytest.approx(x_range[0])
+        assert bars[-1].get_x() + bars[-1].get_width() == pytest.approx(x_range[1])
+    assert ax.get_xlim() == pytest.approx(x_range)
+    assert _legend_texts(ax)[:2] == ["normal (n=300)", "anomalous (n=70)"]
 
 
-def test_score_histogram_colours_in_expected_halves():
+def test_threshold_lines_are_at_their_values_and_named_in_the_legend():
     normal, anomalous = _separated_scores()
-    width, height = 640, 400
-    image = reports.score_histogram(normal, anomalous, {}, size=(width, height))
-    x_range = _expected_range([*normal, *anomalous])
-    split = _expected_column(2.0, x_range, width)
-    plot = image[_plot_rows(height), reports.HIST_MARGIN_LEFT + 1 : width - 17]
-    split -= reports.HIST_MARGIN_LEFT + 1
-    left, right = plot[:, :split], plot[:, split:]
-    assert _bluish(left).sum() > 1000 and not _reddish(left).any()
-    assert _reddish(right).sum() > 1000 and not _bluish(right).any()
-    # Nothing blue right of the upper edge of the bin holding the largest
-    # normal score (30 equal bins over the range).
-    edges = np.linspace(*x_range, 31)
-    last_edge = edges[np.searchsorted(edges, normal.max(), side="right")]
-    beyond = _expected_column(last_edge, x_range, width) + 1
-    assert _bluish(image[_plot_rows(height), beyond - 4 : beyond - 1]).any()
-    assert not _bluish(image[_plot_rows(height), beyond:]).any()
+    thresholds = {"quantile 0.99": 2.6, "f1": 1.25, "far": 9.0, "unset": float("nan")}
+    fig = reports.histogram_figure(normal, anomalous, thresholds)
+    (ax,) = fig.axes
+    xs = [tuple(line.get_xdata()) for line in ax.lines]
+    assert xs == [(2.6, 2.6), (1.25, 1.25), (9.0, 9.0)]
+    assert all(line.get_linestyle() == "--" for line in ax.lines)
+    assert len({line.get_color() for line in ax.lines}) == 3
+    assert _legend_texts(ax)[2:] == ["quantile 0.99: 2.6", "f1: 1.25", "far: 9"]
+    # A threshold beyond every score is still inside the plot.
+    assert ax.get_xlim()[1] > 9.0
 
 
-def test_score_histogram_without_anomalous_scores():
+def test_score_histogram_is_the_rendered_figure():
+    normal, anomalous = _separated_scores()
+    args = (normal, anomalous, {"t": 2.0}, "bottle", 30, (500, 300))
+    image = reports.score_histogram(*args)
+    assert image.dtype == np.uint8 and image.shape == (300, 500, 3)
+    canvas = FigureCanvasAgg(reports.histogram_figure(*args))
+    canvas.draw()
+    np.testing.assert_array_equal(image, np.asarray(canvas.buffer_rgba())[..., :3])
+    assert reports.histogram_figure(*args).axes[0].get_title() == "bottle"
+
+
+def test_histogram_without_anomalous_scores_or_any_values():
     normal, _ = _separated_scores()
-    width, height = 400, 300
-    image = reports.score_histogram(
-        normal, [], {"max": float(normal.max())}, size=(width, height)
+    (ax,) = reports.histogram_figure(normal, [], {"max": float(normal.max())}).axes
+    normal_counts, anomalous_counts = _bar_heights(ax)
+    assert normal_counts.sum() == 300 and not anomalous_counts.any()
+    (ax,) = reports.histogram_figure(None, [], {}).axes
+    assert ax.get_xlim() == (0.0, 1.0) and not ax.lines
+    assert reports.score_histogram([], [], {}, size=(400, 300)).shape == (300, 400, 3)
+
+
+def test_histogram_of_one_distinct_value():
+    (ax,) = reports.histogram_figure([2.0, 2.0, 2.0], [], {}, bins=5).axes
+    assert ax.get_xlim() == (1.5, 2.5)
+    np.testing.assert_array_equal(_bar_heights(ax)[0], [0, 0, 3, 0, 0])
+
+
+def test_histogram_range_matches_documented_rule():
+    assert reports.histogram_range([1.0, 3.0], [5.0], {"t": 9.0, "x": np.inf}) == (
+        pytest.approx(_expected_range([1.0, 9.0]))
     )
-    assert image.shape == (height, width, 3)
-    plot = image[_plot_rows(height)]
-    assert _bluish(plot).sum() > 1000 and not _reddish(plot).any()
-    # Nothing at all (no scores, no thresholds) still gives an empty plot.
-    empty = reports.score_histogram([], [], {}, size=(width, height))
-    assert not _bluish(empty[_plot_rows(height)]).any()
+    assert reports.histogram_range([], None, {}) == (0.0, 1.0)
 
 
-def test_score_histogram_rejects_nan_scores():
-    with pytest.raises(ValueError, match="normal scores"):
-        reports.score_histogram([0.1, float("nan")], [], {})
+@pytest.mark.parametrize(
+    ("normal", "anomalous", "kwargs", "message"),
+    [
+        ([0.1, float("nan")], [], {}, "normal scores contain 1 non-finite"),
+        ([0.1], [np.inf, -np.inf], {}, "anomalous scores contain 2 non-finite"),
+        ([0.1], [], {"bins": 0}, "bins"),
+        ([0.1], [], {"size": (100, 400)}, "too small"),
+    ],
+)
+def test_histogram_rejects_bad_input(normal, anomalous, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        reports.score_histogram(normal, anomalous, {}, **kwargs)
+    with pytest.raises(ValueError, match=message):
+        reports.histogram_figure(normal, anomalous, {}, **kwargs)
 
 
 # --- gallery ------------------------------------------------------------------

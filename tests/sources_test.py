@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recontrast_jax import default_config, train
+from recontrast_jax import default_config, run
 from recontrast_jax.data import folder, input_pipeline, sources
 
 
@@ -112,7 +112,7 @@ def test_medical_end_to_end_reports_image_metrics(tmp_path):
     config.eval.every = 2
     config.report.num_heatmaps = 2
     workdir = tmp_path / "work"
-    train.train_and_evaluate(config, str(workdir))
+    run.run(config, str(workdir))
     metrics = json.loads((workdir / "metrics.json").read_text())["categories"]["aptos"]
     assert {"image_auroc", "f1", "accuracy", "threshold"} <= set(metrics)
     assert "pixel_auroc" not in metrics and "aupro" not in metrics

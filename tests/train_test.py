@@ -7,8 +7,9 @@ import jax
 import numpy as np
 import pytest
 
-from recontrast_jax import default_config, parallel, train
+from recontrast_jax import default_config, parallel, run
 from recontrast_jax.data import sources
+from recontrast_jax.methods import recontrast as recontrast_method
 
 ARCH = "resnet_tiny"
 
@@ -43,10 +44,10 @@ def leaves_equal(a, b):
 def test_step_updates_what_it_should(encoder_train):
     config = tiny_config()
     mesh = parallel.make_mesh()
-    tx = train.make_optimizer(config.optimizer)
-    state = train.create_train_state(ARCH, 32, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(config.optimizer)
+    state = recontrast_method.create_train_state(ARCH, 32, tx, jax.random.key(0))
     before = jax.device_get(state)
-    step = train.compile_train_step(config, tx, mesh, encoder_train)
+    step = recontrast_method.compile_train_step(config, tx, mesh, encoder_train)
     images = np.random.default_rng(0).normal(size=(4, 32, 32, 3)).astype(np.float32)
     state = parallel.replicate(mesh, state)
     for _ in range(2):
@@ -71,7 +72,7 @@ def test_step_updates_what_it_should(encoder_train):
 def test_optimizer_groups_use_their_learning_rates():
     config = tiny_config()
     config.optimizer.weight_decay = 0.5
-    tx = train.make_optimizer(config.optimizer)
+    tx = recontrast_method.make_optimizer(config.optimizer)
     params = {"encoder": np.ones(3), "bottleneck": np.ones(2), "decoder": np.ones(4)}
     grads = {k: np.full_like(v, 0.5) for k, v in params.items()}
     updates, _ = tx.update(grads, tx.init(params), params)
@@ -85,7 +86,7 @@ def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path, tiny_d
     workdir = tmp_path / "work"
     config = tiny_config(tiny_dataset, steps=3)
     config.data.categories = ("brick", "gravel")
-    summary = train.train_and_evaluate(config, str(workdir))
+    summary = run.run(config, str(workdir))
     stored = json.loads((workdir / "metrics.json").read_text())
     assert set(stored["categories"]) == {"brick", "gravel"}
     for name in ("image_auroc", "pixel_auroc", "aupro", "aupro_recontrast_per_image"):
@@ -110,7 +111,7 @@ def test_end_to_end_run_writes_metrics_heatmaps_and_checkpoints(tmp_path, tiny_d
 
     # A second run in the same workdir resumes from the final checkpoint:
     # nothing is retrained and the metrics are those of the same weights.
-    again = train.train_and_evaluate(config, str(workdir))
+    again = run.run(config, str(workdir))
     assert os.listdir(workdir / "checkpoints" / "brick") == ["3"]
     for c in ("brick", "gravel"):
         assert again["categories"][c]["steps"] == 3
@@ -124,8 +125,8 @@ def test_unwritable_workdir_is_named(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     target = blocker / "work"
-    with pytest.raises(train.WorkdirError, match=str(target)):
-        train.prepare_workdir(str(target))
+    with pytest.raises(run.WorkdirError, match=str(target)):
+        run.prepare_workdir(str(target))
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
@@ -133,8 +134,8 @@ def test_read_only_workdir_is_named(tmp_path):
     workdir = tmp_path / "ro"
     workdir.mkdir()
     workdir.chmod(0o500)
-    with pytest.raises(train.WorkdirError, match=str(workdir)):
-        train.prepare_workdir(str(workdir))
+    with pytest.raises(run.WorkdirError, match=str(workdir)):
+        run.prepare_workdir(str(workdir))
 
 
 def test_category_list_accepts_command_line_strings():

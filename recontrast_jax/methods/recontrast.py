@@ -1,8 +1,15 @@
-"""ReContrast training: state, optimiser, the jitted train step and the loop.
+"""ReContrast: the method's state, train step, training loop and predict.
 
-The step is a pure module-level function, jitted once per run with the state
-donated. The state is replicated over the device mesh and batches are sharded
-along it (see `parallel.py`).
+The method surface shared with the other methods (`methods/__init__.py`):
+`fit` trains a category's model (resuming from its latest checkpoint),
+`restore` loads a saved one, `compile_predict` jits `predict(model, images) ->
+(maps, scores)` over the mesh, `configured_predict` is the same pure function
+for export, `host_model` copies a model to the host and `model_step` says
+which training step it is.
+
+The step is a pure module-level function, jitted with the state donated. The
+state is replicated over the device mesh and batches are sharded along it
+(see `parallel.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +17,8 @@ from __future__ import annotations
 import functools
 import os
 import time
+import types
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -21,18 +30,11 @@ import optax
 import tqdm
 from absl import logging
 
-from recontrast_jax import (
-    checkpointing,
-    default_config,
-    evaluate,
-    losses,
-    parallel,
-    reports,
-    thresholds,
-)
+from recontrast_jax import anomaly_maps, checkpointing, losses, parallel
 from recontrast_jax import pretrained as pretrained_lib
-from recontrast_jax.data import input_pipeline, sources
-from recontrast_jax.models import layers, recontrast, resnet
+from recontrast_jax.data import input_pipeline
+from recontrast_jax.models import layers, resnet
+from recontrast_jax.models import recontrast as recontrast_model
 
 
 @flax.struct.dataclass
@@ -99,7 +101,7 @@ def create_train_state(
       pretrained: '' for random initialisation, 'imagenet' for the torchvision
         IMAGENET1K_V1 weights, or a weights file (see `pretrained.py`).
     """
-    variables, frozen = recontrast.init_variables(arch, rng, image_size)
+    variables, frozen = recontrast_model.init_variables(arch, rng, image_size)
     params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
     if pretrained:
         template = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
@@ -155,9 +157,11 @@ def train_step(
     compute = layers.compute_dtype(dtype)
     images = images.astype(compute)
     if frozen_features is None:
-        frozen_features = recontrast.frozen_encoder_features(arch, state.frozen, images)
+        frozen_features = recontrast_model.frozen_encoder_features(
+            arch, state.frozen, images
+        )
     frozen_features = [f.astype(compute) for f in frozen_features]
-    model = recontrast.ReContrast(arch)
+    model = recontrast_model.ReContrast(arch)
 
     def loss_fn(params):
         (targets, recons), updated = model.apply(
@@ -272,7 +276,9 @@ def frozen_feature_cache(config, state: TrainState, samples, mesh) -> list[jax.A
     """E_f's features of every training image, in `samples` order, replicated."""
     arch = config.model.arch
     features_fn = jax.jit(
-        lambda frozen, images: recontrast.frozen_encoder_features(arch, frozen, images)
+        lambda frozen, images: recontrast_model.frozen_encoder_features(
+            arch, frozen, images
+        )
     )
     dataset = input_pipeline.eval_dataset(
         samples,
@@ -312,24 +318,6 @@ def host_scalars(metrics: dict[str, jax.Array]) -> dict[str, float]:
     return {k: float(np.asarray(v)) for k, v in metrics.items()}
 
 
-def prepare_workdir(workdir: str) -> None:
-    """Creates the workdir and checks that it is writable, naming it if not."""
-    try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        raise WorkdirError(
-            f"Workdir {workdir!r} is not writable: {e.strerror or e}"
-        ) from e
-
-
-class WorkdirError(OSError):
-    """The workdir cannot be created or written."""
-
-
 def encoder_bn_train_mode(config: ml_collections.ConfigDict, category: str) -> bool:
     """Whether E's BatchNorm runs in train mode for `category` (spec 1.1)."""
     return bool(config.model.encoder_bn_train) and (
@@ -337,171 +325,182 @@ def encoder_bn_train_mode(config: ml_collections.ConfigDict, category: str) -> b
     )
 
 
-def category_dirs(workdir: str, category: str) -> dict[str, str]:
-    """Where a category's checkpoints, TensorBoard logs and heatmaps go."""
-    return {
-        "checkpoints": os.path.join(workdir, "checkpoints", category),
-        "tensorboard": os.path.join(workdir, "tensorboard", category),
-        "heatmaps": os.path.join(workdir, "heatmaps", category),
-    }
-
-
-def train_category(
-    config: ml_collections.ConfigDict,
-    workdir: str,
-    category: str,
-    mesh,
-) -> dict[str, float]:
-    """Trains one model on `category`, evaluates it, writes its artifacts.
-
-    Resumes from the category's latest checkpoint when there is one.
-
-    Returns:
-      The metrics of the last evaluation (at step T), plus timings.
-    """
-    files = sources.category_files(config, category)
-    train_samples, held_out = thresholds.holdout_split(
-        files.train, config.data.holdout_fraction, config.seed
+def training_dataset(config: ml_collections.ConfigDict, samples, start_batch: int = 0):
+    """The endless, per-process training pipeline for `samples`."""
+    processes = jax.process_count()
+    if config.train.batch_size % processes:
+        raise ValueError(
+            f"train.batch_size={config.train.batch_size} must divide over {processes} processes."
+        )
+    return input_pipeline.train_dataset(
+        samples,
+        batch_size=config.train.batch_size // processes,
+        image_size=config.data.image_size,
+        crop_size=config.data.crop_size,
+        seed=config.seed,
+        batch_multiple=jax.local_device_count(),
+        # Hosts must agree on every global batch shape, so several processes
+        # always drop each epoch's partial last batch.
+        drop_remainder=config.train.drop_last or processes > 1,
+        cache=config.data.cache,
+        process_index=jax.process_index(),
+        process_count=processes,
+        start_batch=start_batch,
     )
-    dirs = category_dirs(workdir, category)
+
+
+def predict(
+    state,
+    images: jax.Array,
+    *,
+    arch: str,
+    sigma: float,
+    score_rule: str,
+    max_ratio: float,
+    dtype: str = "float32",
+) -> tuple[jax.Array, jax.Array]:
+    """Anomaly maps (B, H, W) and image scores (B,) for normalised images.
+
+    Both reconstruction directions are used: the map is the sum of the six
+    cosine-distance maps, upsampled with align_corners and Gaussian-blurred.
+    The networks run in `dtype`; the maps are computed in float32.
+    """
+    compute = layers.compute_dtype(dtype)
+    cast = functools.partial(layers.cast_floating, dtype=compute)
+    variables = {"params": cast(state.params), "batch_stats": state.batch_stats}
+    images_c = images.astype(compute)
+    frozen_features = recontrast_model.frozen_encoder_features(
+        arch, state.frozen, images_c
+    )
+    targets, recons = recontrast_model.ReContrast(arch).apply(
+        variables, images_c, frozen_features, train=False, encoder_train=False
+    )
+    targets, recons = ([x.astype(jnp.float32) for x in m] for m in (targets, recons))
+    maps = anomaly_maps.anomaly_map(targets, recons, images.shape[1:3], sigma)
+    return maps, anomaly_maps.image_scores(maps, score_rule, max_ratio)
+
+
+def configured_predict(config: ml_collections.ConfigDict):
+    """`predict(state, images)` with the config's static settings bound."""
+    return functools.partial(
+        predict,
+        arch=config.model.arch,
+        sigma=float(config.eval.sigma),
+        score_rule=config.eval.score_rule,
+        max_ratio=float(config.eval.max_ratio),
+        dtype=config.model.dtype,
+    )
+
+
+def compile_predict(config: ml_collections.ConfigDict, mesh):
+    """Jits `predict` with the config's static settings over the mesh."""
+    return jax.jit(
+        configured_predict(config),
+        in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+        out_shardings=(parallel.batch_sharding(mesh), parallel.batch_sharding(mesh)),
+    )
+
+
+def checkpoint_dir(workdir: str, category: str) -> str:
+    """Where a category's ReContrast checkpoints go."""
+    return os.path.join(workdir, "checkpoints", category)
+
+
+def fresh_state(config: ml_collections.ConfigDict, mesh, pretrained: str) -> TrainState:
+    """A new state for the config, replicated over the mesh."""
     tx = make_optimizer(config.optimizer)
-    ckpt = checkpointing.manager(dirs["checkpoints"], config.checkpoint.max_to_keep)
-    state = initial_state(config, tx, ckpt, mesh)
-    predict_fn = evaluate.compile_predict(config, mesh)
-    evaluator = functools.partial(evaluate_state, predict_fn, files.test, config, mesh)
-    writer = SummaryWriter(dirs["tensorboard"])
-    start = time.perf_counter()
-    last = None
-    if config.mode == "train" and int(jax.device_get(state.step)) < config.train.steps:
-        cached = use_frozen_cache(config, len(train_samples))
-        step_fn = compile_train_step(
-            config, tx, mesh, encoder_bn_train_mode(config, category), cached
-        )
-        cache = (
-            frozen_feature_cache(config, state, train_samples, mesh) if cached else None
-        )
-        step_fn = batch_step(step_fn, cache)
-
-        state, last = run_training(
-            config,
-            category,
-            train_samples,
-            mesh,
-            state,
-            step_fn,
-            evaluator,
-            writer,
-            ckpt,
-        )
-    train_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    if last is None:  # evaluate mode, or resumed after the end
-        last = evaluator(state)
-    result, metrics = last
-    normal, source = (
-        (held_out, "held-out") if held_out else (train_samples, "training (in-sample)")
-    )
-    scored = evaluate.evaluate_split(predict_fn, state, normal, config, mesh)
-    calibration = thresholds.calibration(
-        scored, source, result, config.eval.pixel_metrics
-    )
-    calibration["step"] = int(jax.device_get(state.step))
-    entries = write_category_reports(
-        config, workdir, category, files, result, calibration
-    )
-    writer.heatmaps(int(jax.device_get(state.step)), dirs["heatmaps"], entries)
-    writer.close()
-    return {
-        **metrics,
-        "steps": float(jax.device_get(state.step)),
-        "train_seconds": round(train_seconds, 2),
-        "report_seconds": round(time.perf_counter() - start, 2),
-    }
-
-
-def choose_threshold(calibration: dict, config: ml_collections.ConfigDict) -> dict:
-    """The configured threshold, falling back to fixed values if it cannot be had."""
-    try:
-        return thresholds.choose(calibration, config.threshold)
-    except ValueError as e:
-        logging.warning("%s; using the fixed thresholds instead.", e)
-        fixed = ml_collections.ConfigDict(dict(config.threshold, rule="fixed"))
-        return thresholds.choose(calibration, fixed)
-
-
-def write_category_reports(
-    config, workdir, category, files, result, calibration
-) -> list:
-    """Calibration file, heatmap panels, histogram and gallery (process 0 only).
-
-    Returns:
-      The gallery entries of the panels written.
-    """
-    if jax.process_index() != 0:
-        return []
-    thresholds.save(workdir, category, calibration)
-    directory = category_dirs(workdir, category)["heatmaps"]
-    names = [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
-    entries = evaluate.write_heatmaps(
-        result, directory, config.report.num_heatmaps, names
-    )
-    chosen = choose_threshold(calibration, config)
-    evaluate.write_report(result, directory, entries, chosen, category)
-    return entries
-
-
-def restore_for_inference(config, workdir: str, category: str, mesh) -> TrainState:
-    """The category's checkpoint (config.checkpoint.step, default the latest)."""
-    directory = category_dirs(workdir, category)["checkpoints"]
-    tx = make_optimizer(config.optimizer)
-    return initial_state(config, tx, checkpointing.manager(directory), mesh)
-
-
-def initial_state(config: ml_collections.ConfigDict, tx, ckpt, mesh) -> TrainState:
-    """The checkpoint to continue from or evaluate, else a new (pretrained) state.
-
-    Training resumes from the latest checkpoint; the other modes restore
-    `config.checkpoint.step` (-1: the latest) and need one to exist.
-    """
-    resuming = ckpt.latest_step() is not None
-    if config.mode != "train" and not resuming:
-        raise checkpointing.NoCheckpointError(
-            f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
-        )
     state = create_train_state(
         config.model.arch,
         config.data.crop_size,
         tx,
         jax.random.key(config.seed),
-        "" if resuming else config.model.pretrained,
+        pretrained,
     )
-    state = parallel.replicate(mesh, state)
-    if not resuming:
-        return state
-    step = None if config.mode == "train" else config.checkpoint.step
+    return parallel.replicate(mesh, state)
+
+
+def fit(
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    category: str,
+    train_samples,
+    mesh,
+    writer,
+    evaluate_fn: Callable[[TrainState], dict] | None = None,
+) -> tuple[TrainState, dict]:
+    """Trains `category`'s model to `train.steps`, resuming from its latest checkpoint.
+
+    Args:
+      config: run config.
+      workdir: run directory (checkpoints under `checkpoints/<category>`).
+      category: the category (picks E's BatchNorm mode, spec 1.1).
+      train_samples: the normal images to train on.
+      mesh: the data mesh.
+      writer: a `reports.MetricWriter` for the training scalars.
+      evaluate_fn: `evaluate_fn(state) -> metrics`, run every `eval.every`
+        steps before the last (the pipeline evaluates the final model itself).
+
+    Returns:
+      The trained state and {'steps': T}.
+    """
+    ckpt = checkpointing.manager(
+        checkpoint_dir(workdir, category), config.checkpoint.max_to_keep
+    )
+    resuming = ckpt.latest_step() is not None
+    state = fresh_state(config, mesh, "" if resuming else config.model.pretrained)
+    if resuming:
+        state = checkpointing.restore(ckpt, state)
+    if int(jax.device_get(state.step)) < config.train.steps:
+        state = run_training(
+            config, category, train_samples, mesh, state, writer, ckpt, evaluate_fn
+        )
+    return state, {"steps": float(jax.device_get(state.step))}
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str, category: str, mesh):
+    """The category's checkpoint (`checkpoint.step`, -1: the latest), replicated."""
+    directory = checkpoint_dir(workdir, category)
+    ckpt = checkpointing.manager(directory)
+    if ckpt.latest_step() is None:
+        raise checkpointing.NoCheckpointError(
+            f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
+        )
+    step = config.checkpoint.step
+    state = fresh_state(config, mesh, "")
     return checkpointing.restore(ckpt, state, None if step in (None, -1) else step)
 
 
-def evaluate_state(predict_fn, test_samples, config, mesh, state):
-    """Evaluates `state` on the test split: (SplitResult, metrics dict)."""
-    result = evaluate.evaluate_split(predict_fn, state, test_samples, config, mesh)
-    return result, evaluate.compute_metrics(result, config.eval.pixel_metrics)
+def model_step(state: TrainState) -> int:
+    """The number of updates the model has had."""
+    return int(jax.device_get(state.step))
+
+
+def host_model(state: TrainState) -> types.SimpleNamespace:
+    """The variables `predict` reads, as host numpy arrays.
+
+    Copying to the host drops any device sharding, so closed-over values become
+    plain constants of an exported module; the optimiser state is left out.
+    """
+    return types.SimpleNamespace(
+        params=jax.device_get(state.params),
+        batch_stats=jax.device_get(state.batch_stats),
+        frozen=jax.device_get(state.frozen),
+    )
 
 
 def run_training(
-    config, category, train_samples, mesh, state, step_fn, evaluator, writer, ckpt
-):
-    """Steps from `state.step` to `config.train.steps`, logging, evaluating, saving.
-
-    Returns:
-      The final state and the last `(result, metrics)` evaluation, or None when
-      there was nothing left to train.
-    """
+    config, category, train_samples, mesh, state, writer, ckpt, evaluate_fn=None
+) -> TrainState:
+    """Steps from `state.step` to `config.train.steps`, logging, evaluating, saving."""
     total = config.train.steps
     step = int(jax.device_get(state.step))
-    if step >= total:
-        return state, None
-    last = None
+    tx = make_optimizer(config.optimizer)
+    cached = use_frozen_cache(config, len(train_samples))
+    step_fn = compile_train_step(
+        config, tx, mesh, encoder_bn_train_mode(config, category), cached
+    )
+    cache = frozen_feature_cache(config, state, train_samples, mesh) if cached else None
+    step_fn = batch_step(step_fn, cache)
     throughput = Throughput()
     bar = tqdm.tqdm(
         total=total,
@@ -533,131 +532,16 @@ def run_training(
                     img_s=f"{scalars['images_per_second']:.1f}",
                 )
                 writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-            if step % config.eval.every == 0 or step == total:
-                last = evaluator(state)
-                writer.scalars(step, {f"eval/{k}": v for k, v in last[1].items()})
+            if (
+                evaluate_fn is not None
+                and step % config.eval.every == 0
+                and step < total
+            ):
+                writer.scalars(
+                    step, {f"eval/{k}": v for k, v in evaluate_fn(state).items()}
+                )
             if step % config.checkpoint.every == 0 or step == total:
                 checkpointing.save(ckpt, step, state)
             if step >= total:
                 break
-    return state, last
-
-
-def training_dataset(config: ml_collections.ConfigDict, samples, start_batch: int = 0):
-    """The endless, per-process training pipeline for `samples`."""
-    processes = jax.process_count()
-    if config.train.batch_size % processes:
-        raise ValueError(
-            f"train.batch_size={config.train.batch_size} must divide over {processes} processes."
-        )
-    return input_pipeline.train_dataset(
-        samples,
-        batch_size=config.train.batch_size // processes,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
-        seed=config.seed,
-        batch_multiple=jax.local_device_count(),
-        # Hosts must agree on every global batch shape, so several processes
-        # always drop each epoch's partial last batch.
-        drop_remainder=config.train.drop_last or processes > 1,
-        cache=config.data.cache,
-        process_index=jax.process_index(),
-        process_count=processes,
-        start_batch=start_batch,
-    )
-
-
-class SummaryWriter:
-    """TensorBoard scalars (process 0 only), through tf.summary."""
-
-    def __init__(self, logdir: str):
-        self._writer = None
-        if jax.process_index() == 0:
-            import tensorflow as tf
-
-            self._tf = tf
-            self._writer = tf.summary.create_file_writer(logdir)
-
-    def scalars(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is None:
-            return
-        with self._writer.as_default():
-            for name, value in values.items():
-                self._tf.summary.scalar(name, value, step=step)
-        self._writer.flush()
-
-    def heatmaps(self, step: int, directory: str, entries: list[dict]) -> None:
-        """A few heatmap panels as TensorBoard images."""
-        if self._writer is None or not entries:
-            return
-        from PIL import Image
-
-        with self._writer.as_default():
-            for entry in entries[:4]:
-                panel = np.asarray(Image.open(os.path.join(directory, entry["image"])))
-                name = f"heatmaps/{entry['name']}"
-                self._tf.summary.image(name, panel[None], step=step)
-        self._writer.flush()
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-
-
-REPORTED_METRICS = (
-    "image_auroc",
-    "f1",
-    "accuracy",
-    "pixel_auroc",
-    "aupro",
-    "aupro_recontrast_per_image",
-    "pixel_ap",
-    "image_f1_max",
-)
-
-
-def summarize(results: dict[str, dict[str, float]]) -> dict:
-    """Per-category metrics plus their mean over categories."""
-    names = sorted({k for r in results.values() for k in r})
-    mean = {
-        k: float(np.mean([r[k] for r in results.values() if k in r])) for k in names
-    }
-    return {"categories": results, "mean": mean}
-
-
-def write_results(
-    workdir: str, results: dict[str, dict[str, float]], title: str
-) -> None:
-    """Writes metrics.json and results.md atomically (process 0 only)."""
-    if jax.process_index() != 0:
-        return
-    reports.atomic_write_json(os.path.join(workdir, "metrics.json"), summarize(results))
-    present = {k for r in results.values() for k in r}
-    names = [k for k in REPORTED_METRICS if k in present] or sorted(present)
-    table = reports.results_markdown(results, names, title)
-    reports.atomic_write_text(os.path.join(workdir, "results.md"), table)
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
-    """Trains and evaluates one model per category; returns the summary dict."""
-    prepare_workdir(workdir)
-    if jax.process_index() == 0:
-        reports.atomic_write_text(
-            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
-        )
-    mesh = parallel.make_mesh()
-    results = {}
-    for category in sources.category_names(config):
-        if config.method in default_config.MEMORY_BANK_METHODS:
-            from recontrast_jax import patchcore
-
-            results[category] = patchcore.run_category(config, workdir, category, mesh)
-        elif config.method == "recontrast":
-            results[category] = train_category(config, workdir, category, mesh)
-        else:
-            raise ValueError(
-                f"Unknown config.method {config.method!r}: use 'recontrast', "
-                "'patchcore' or 'reconpatch'."
-            )
-        write_results(workdir, results, config.report.title)
-    return summarize(results)
+    return state

@@ -1,4 +1,8 @@
-"""ReConPatch training: the contrastive step and the loop over the patch pool.
+"""ReConPatch: PatchCore's pipeline with a contrastively trained modulation f.
+
+The method surface (`fit`, `restore`, `compile_predict`, ...) is PatchCore's
+(`methods/patchcore.py`), with `train_head` training f and g on the patch pool
+before the memory bank is built from f(p).
 
 The frozen encoder's patch features of the training images are constant (there
 is no augmentation), so they are extracted once into a host "patch pool"
@@ -31,7 +35,8 @@ import optax
 import tqdm
 from absl import logging
 
-from recontrast_jax import adamp, checkpointing, parallel, reconpatch_loss
+from recontrast_jax import checkpointing, parallel
+from recontrast_jax.methods import adamp, patchcore, reconpatch_loss
 from recontrast_jax.models import reconpatch
 
 
@@ -186,7 +191,7 @@ def train_modulation(
       mesh: the data mesh.
       ckpt: the category's checkpoint manager (holds training states).
       save_fn: `save_fn(step, state)` writes a checkpoint.
-      writer: optional `train.SummaryWriter`.
+      writer: optional `reports.MetricWriter`.
       desc: progress-bar label.
 
     Returns:
@@ -231,3 +236,29 @@ def train_modulation(
             if step % config.checkpoint.every == 0 and step < total:
                 save_fn(step, state)
     return jax.device_get(state.params), {**scalars, "steps": float(total)}
+
+
+def train_head(config, pool, mesh, ckpt, writer, desc: str):
+    """`patchcore.fit_model`'s head trainer: f and g, checkpointed in `ckpt`."""
+
+    def save(step, state):
+        checkpointing.save(ckpt, step, {"modulation": state})
+
+    return train_modulation(config, pool, mesh, ckpt, save, writer, desc)
+
+
+def fit(
+    config, workdir: str, category: str, train_samples, mesh, writer, evaluate_fn=None
+):
+    """PatchCore's fit with the trained modulation (see `patchcore.fit`)."""
+    return patchcore.fit(
+        config, workdir, category, train_samples, mesh, writer, evaluate_fn,
+        train_head=train_head,
+    )  # fmt: skip
+
+
+restore = patchcore.restore
+compile_predict = patchcore.compile_predict
+configured_predict = patchcore.configured_predict
+model_step = patchcore.model_step
+host_model = patchcore.host_model

@@ -4,7 +4,7 @@ Both turn the frozen encoder's layer2/layer3 maps into locally aware patch
 features (`models/reconpatch.py`, spec reconpatch.md section 1.3). PatchCore
 keeps an approximate greedy coreset of the training patches as its memory bank;
 ReConPatch first trains a linear modulation f of the features
-(`reconpatch_train.py`) and keeps a coreset of f(p). A test patch's score is
+(`methods/reconpatch.py`) and keeps a coreset of f(p). A test patch's score is
 its Euclidean distance to the nearest bank entry; the image score is the max
 patch score (optionally reweighted, Eq. 10); the map is the patch-score grid
 upsampled bilinearly (align_corners=False) to the crop size and blurred with a
@@ -24,6 +24,7 @@ import dataclasses
 import functools
 import os
 import time
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +36,11 @@ from recontrast_jax import (
     anomaly_maps,
     checkpointing,
     evaluate,
-    memory_bank,
     parallel,
-    reconpatch_train,
+    pretrained,
 )
-from recontrast_jax.data import input_pipeline, sources
+from recontrast_jax.data import input_pipeline
+from recontrast_jax.methods import memory_bank
 from recontrast_jax.models import backbones, reconpatch
 
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimate of a normal's std
@@ -192,8 +193,6 @@ _jit_represent = jax.jit(reconpatch.represent)
 
 def encoder_variables(config: ml_collections.ConfigDict, arch: str, key) -> dict:
     """The frozen encoder: pretrained when configured, else randomly initialised."""
-    from recontrast_jax import pretrained
-
     crop = config.data.crop_size
     dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
     variables = backbones.make_encoder(arch).init(key, dummy, train=False)
@@ -267,8 +266,19 @@ def saved_model(ckpt, step=None) -> dict | None:
     return checkpointing.restore_as_saved(ckpt, latest)["model"]
 
 
-def fit_model(config, arch, train_samples, ckpt, mesh, ensemble: bool, writer=None):
-    """Fits (or restores) one backbone's model; returns (model, info)."""
+HeadTrainer = Callable[..., tuple[dict, dict]]
+
+
+def fit_model(
+    config, arch, train_samples, ckpt, mesh, ensemble: bool, writer, train_head=None
+):
+    """Fits (or restores) one backbone's model; returns (host model, info).
+
+    Args:
+      train_head: None for PatchCore (the bank holds the raw features);
+        ReConPatch passes `train_head(config, pool, mesh, ckpt, writer, desc)
+        -> (head, scalars)`, and the bank then holds f(p).
+    """
     existing = saved_model(ckpt)
     if existing is not None:
         logging.info("%s: using the fitted model in %s", arch, ckpt.directory)
@@ -280,12 +290,10 @@ def fit_model(config, arch, train_samples, ckpt, mesh, ensemble: bool, writer=No
     pool = extract_pool(encoder, train_samples, config, settings)
     info: dict = {"train_patches": float(len(pool))}
     head: dict = {}
-    if config.method == "reconpatch":
-        head, scalars = reconpatch_train.train_modulation(
-            config, pool, mesh, ckpt,
-            lambda step, state: checkpointing.save(ckpt, step, {"modulation": state}),
-            writer, desc=f"reconpatch {arch}",
-        )  # fmt: skip
+    if train_head is not None:
+        head, scalars = train_head(
+            config, pool, mesh, ckpt, writer, f"{config.method} {arch}"
+        )
         info.update({f"train_{k}": v for k, v in scalars.items()})
         pool = represent_pool(head, pool)
     bank = build_bank(pool, config.patchcore.coreset_ratio, coreset_key)
@@ -297,7 +305,10 @@ def fit_model(config, arch, train_samples, ckpt, mesh, ensemble: bool, writer=No
     }
     if ensemble:
         predict_fn = compile_predict(config, mesh, archs=(arch,))
-        train_result = evaluate_models([model], predict_fn, train_samples, config, mesh)
+        replicated = parallel.replicate(mesh, [model])
+        train_result = evaluate.evaluate_split(
+            predict_fn, replicated, train_samples, config, mesh
+        )
         model["normalization"] = normalization_stats(train_result)
     info.update({"memory_bank_size": float(len(bank)),
                  "fit_seconds": round(time.perf_counter() - start, 2)})  # fmt: skip
@@ -306,20 +317,31 @@ def fit_model(config, arch, train_samples, ckpt, mesh, ensemble: bool, writer=No
     return model, info
 
 
-def evaluate_models(models, predict_fn, samples, config, mesh) -> evaluate.SplitResult:
-    """Every sample once through `predict_fn(models, images)`."""
-    replicated = parallel.replicate(mesh, models)
+def fit(
+    config, workdir: str, category: str, train_samples, mesh, writer,
+    evaluate_fn=None, train_head: HeadTrainer | None = None,
+) -> tuple[list[dict], dict]:  # fmt: skip
+    """Fits (or restores) every backbone's model of `category`.
 
-    def score_batch(local_images):
-        return predict_fn(
-            replicated, parallel.global_batch(mesh, {"image": local_images})["image"]
+    Returns:
+      The models (replicated over the mesh) and what fitting measured.
+    """
+    del evaluate_fn  # nothing to evaluate before the bank exists
+    archs = ensemble_archs(config)
+    models, info = [], {}
+    for arch in archs:
+        directory = model_dir(workdir, category, arch, len(archs) > 1)
+        ckpt = checkpointing.manager(directory, config.checkpoint.max_to_keep)
+        model, model_info = fit_model(
+            config, arch, train_samples, ckpt, mesh, len(archs) > 1, writer, train_head
         )
+        models.append(model)
+        info.update(model_info)
+    return parallel.replicate(mesh, models), info
 
-    return evaluate.score_split(score_batch, samples, config, mesh)
 
-
-def restore_models(config, workdir: str, category: str) -> list[dict]:
-    """The fitted models of `category` (config.checkpoint.step, default the latest)."""
+def restore(config, workdir: str, category: str, mesh) -> list[dict]:
+    """The fitted models of `category` (`checkpoint.step`, default the latest)."""
     archs = ensemble_archs(config)
     models = []
     for arch in archs:
@@ -331,58 +353,14 @@ def restore_models(config, workdir: str, category: str) -> list[dict]:
                 f"No fitted {config.method} model in {directory}: run mode 'train' first."
             )
         models.append(model)
-    return models
+    return parallel.replicate(mesh, models)
 
 
-def run_category(config, workdir: str, category: str, mesh) -> dict:
-    """Fits (or restores) the models of `category`, evaluates, writes reports."""
-    from recontrast_jax import thresholds, train
+def model_step(models) -> None:
+    """Memory-bank models have no training step of their own."""
+    del models
 
-    files = sources.category_files(config, category)
-    train_samples, held_out = thresholds.holdout_split(
-        files.train, config.data.holdout_fraction, config.seed
-    )
-    archs = ensemble_archs(config)
-    writer = train.SummaryWriter(train.category_dirs(workdir, category)["tensorboard"])
-    start = time.perf_counter()
-    if config.mode == "train":
-        fitted = [
-            fit_model(config, arch, train_samples,
-                      checkpointing.manager(model_dir(workdir, category, arch, len(archs) > 1),
-                                            config.checkpoint.max_to_keep),
-                      mesh, len(archs) > 1, writer)
-            for arch in archs
-        ]  # fmt: skip
-        models = [m for m, _ in fitted]
-        info = {k: v for _, i in fitted for k, v in i.items()}
-    else:
-        models, info = restore_models(config, workdir, category), {}
-    fit_seconds = time.perf_counter() - start
-    predict_fn = compile_predict(config, mesh)
-    # The normal images first: they compile predict_fn, so the test split's
-    # time below is inference alone (input pipeline included).
-    normal = evaluate_models(
-        models, predict_fn, held_out or train_samples, config, mesh
-    )
-    start = time.perf_counter()
-    result = evaluate_models(models, predict_fn, files.test, config, mesh)
-    inference_seconds = time.perf_counter() - start
-    metrics = evaluate.compute_metrics(result, config.eval.pixel_metrics)
-    source = "held-out" if held_out else "training (in-sample)"
-    calibration = thresholds.calibration(
-        normal, source, result, config.eval.pixel_metrics
-    )
-    entries = train.write_category_reports(
-        config, workdir, category, files, result, calibration
-    )
-    writer.heatmaps(0, train.category_dirs(workdir, category)["heatmaps"], entries)
-    writer.close()
-    return {
-        **metrics,
-        **info,
-        "train_seconds": round(fit_seconds, 2),
-        "test_seconds": round(inference_seconds, 2),
-        "test_images_per_second": round(
-            len(files.test) / max(inference_seconds, 1e-9), 2
-        ),
-    }
+
+def host_model(models) -> list[dict]:
+    """The models as host numpy arrays (constants of an exported module)."""
+    return jax.device_get(models)

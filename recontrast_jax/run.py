@@ -1,0 +1,132 @@
+"""The per-category pipeline, written once for every method.
+
+For each category: split the normal training images (train / held out for
+thresholds), fit the method's model (or restore it), score the held-out
+normals and the test split, calibrate the thresholds, compute the metrics,
+write the reports and `metrics.json`. The method is a module of `methods/`
+with the same small surface; nothing here knows which one it is.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_collections
+
+from recontrast_jax import evaluate, methods, parallel, reports, thresholds
+from recontrast_jax.data import sources
+
+
+class WorkdirError(OSError):
+    """The workdir cannot be created or written."""
+
+
+def prepare_workdir(workdir: str) -> None:
+    """Creates the workdir and checks that it is writable, naming it if not."""
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        probe = os.path.join(workdir, f".write_test_{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise WorkdirError(
+            f"Workdir {workdir!r} is not writable: {e.strerror or e}"
+        ) from e
+
+
+def test_names(files) -> list[str]:
+    """'<defect>/<file name>' of every test image (heatmap and gallery names)."""
+    return [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
+
+
+def run_category(
+    config: ml_collections.ConfigDict, workdir: str, category: str, mesh, fit: bool
+) -> dict[str, float]:
+    """Fits (`fit`) or restores `category`'s model, evaluates it, writes its reports.
+
+    Returns:
+      The test metrics, what fitting reported, and timings.
+    """
+    method = methods.get(config.method)
+    files = sources.category_files(config, category)
+    train_samples, held_out = thresholds.holdout_split(
+        files.train, config.data.holdout_fraction, config.seed
+    )
+    writer = reports.MetricWriter(os.path.join(workdir, "tensorboard", category))
+    predict_fn = method.compile_predict(config, mesh)
+
+    def score(model, samples):
+        return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)
+
+    def test_metrics(model):
+        return evaluate.compute_metrics(
+            score(model, files.test), config.eval.pixel_metrics
+        )
+
+    start = time.perf_counter()
+    if fit:
+        model, info = method.fit(
+            config, workdir, category, train_samples, mesh, writer, test_metrics
+        )
+    else:
+        model, info = method.restore(config, workdir, category, mesh), {}
+    fit_seconds = time.perf_counter() - start
+    # The normal images first: they compile predict_fn, so the test split's
+    # time below is inference alone (input pipeline included).
+    normal = score(model, held_out or train_samples)
+    start = time.perf_counter()
+    result = score(model, files.test)
+    test_seconds = time.perf_counter() - start
+    metrics = evaluate.compute_metrics(result, config.eval.pixel_metrics)
+    step = method.model_step(model)
+    if step is not None:
+        info.setdefault("steps", float(step))
+    writer.scalars(step or 0, {f"eval/{k}": v for k, v in metrics.items()})
+    start = time.perf_counter()
+    source = "held-out" if held_out else "training (in-sample)"
+    calibration = thresholds.calibration(
+        normal, source, result, config.eval.pixel_metrics
+    )
+    calibration["step"] = step
+    if jax.process_index() == 0:
+        thresholds.save(workdir, category, calibration)
+        chosen = thresholds.choose_or_fixed(calibration, config.threshold)
+        report = reports.CategoryReport(
+            category, result, test_names(files), chosen, step or 0
+        )
+        reports.write_category(report, workdir, config.report.num_heatmaps, writer)
+    writer.close()
+    return {
+        **metrics,
+        **info,
+        "train_seconds": round(fit_seconds, 2),
+        "test_seconds": round(test_seconds, 2),
+        "test_images_per_second": round(len(files.test) / max(test_seconds, 1e-9), 2),
+        "report_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> dict:
+    """Every category of the config through `run_category`; returns the summary.
+
+    Args:
+      config: run config.
+      workdir: run directory (resumed when it holds checkpoints).
+      fit: train (resuming) before evaluating; False evaluates saved models.
+    """
+    methods.get(config.method)  # an unknown method fails before any work
+    prepare_workdir(workdir)
+    if jax.process_index() == 0:
+        reports.atomic_write_text(
+            os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
+        )
+    mesh = parallel.make_mesh()
+    results = {}
+    for category in sources.category_names(config):
+        results[category] = run_category(config, workdir, category, mesh, fit)
+        if jax.process_index() == 0:
+            reports.write_results(workdir, results, config.report.title)
+    return reports.summarize(results)
