@@ -86,7 +86,7 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
 def create_train_state(
     arch: str,
-    image_size: int,
+    crop_size: int,
     tx: optax.GradientTransformation,
     rng: jax.Array,
     pretrained: str = "",
@@ -95,13 +95,13 @@ def create_train_state(
 
     Args:
       arch: encoder architecture.
-      image_size: side of the (square) training images.
+      crop_size: side of the (square, centre-cropped) images the model sees.
       tx: the optimiser.
       rng: initialisation key (bottleneck, decoder, and encoder if not pretrained).
       pretrained: '' for random initialisation, 'imagenet' for the torchvision
         IMAGENET1K_V1 weights, or a weights file (see `pretrained.py`).
     """
-    variables, frozen = recontrast_model.init_variables(arch, rng, image_size)
+    variables, frozen = recontrast_model.init_variables(arch, rng, crop_size)
     params, batch_stats = dict(variables["params"]), dict(variables["batch_stats"])
     if pretrained:
         template = {"params": params["encoder"], "batch_stats": batch_stats["encoder"]}
