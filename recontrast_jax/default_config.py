@@ -10,9 +10,6 @@ import ml_collections
 
 from recontrast_jax.data import categories
 
-# Methods that score against a memory bank of patch features (methods/patchcore.py).
-MEMORY_BANK_METHODS = ("patchcore", "reconpatch")
-
 # ReContrast's MVTec script keeps the encoder BatchNorm in eval mode for these.
 MVTEC_ENCODER_BN_EVAL = ("toothbrush", "leather", "grid", "tile", "wood", "screw")
 # ... and its VisA script for these.
