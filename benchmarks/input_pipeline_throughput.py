@@ -16,8 +16,9 @@ import jax
 import numpy as np
 from PIL import Image
 
-from recontrast_jax import default_config, parallel, train
+from recontrast_jax import default_config, parallel
 from recontrast_jax.data import folder, input_pipeline
+from recontrast_jax.methods import recontrast
 
 NUM_IMAGES, SOURCE_SIDE, SIZE, BATCH = 48, 1024, 256, 16
 
@@ -56,11 +57,11 @@ def step_rate(arch, steps):
     config = default_config.get_config()
     config.model.arch = arch
     mesh = parallel.make_mesh()
-    tx = train.make_optimizer(config.optimizer)
+    tx = recontrast.make_optimizer(config.optimizer)
     state = parallel.replicate(
-        mesh, train.create_train_state(arch, SIZE, tx, jax.random.key(0))
+        mesh, recontrast.create_train_state(arch, SIZE, tx, jax.random.key(0))
     )
-    step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+    step = recontrast.compile_train_step(config, tx, mesh, encoder_train=True)
     images = (
         np.random.default_rng(0).normal(size=(BATCH, SIZE, SIZE, 3)).astype(np.float32)
     )

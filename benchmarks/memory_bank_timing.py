@@ -25,7 +25,8 @@ CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from recontrast_jax import default_config, memory_bank, reconpatch_train
+    from recontrast_jax import default_config
+    from recontrast_jax.methods import memory_bank, reconpatch
 
     what, n, dim, ratio = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), float(sys.argv[4])
     rng = np.random.default_rng(0)
@@ -52,10 +53,10 @@ CHILD = textwrap.dedent(
     else:
         config = default_config.get_config()
         cfg = config.reconpatch
-        tx = reconpatch_train.make_optimizer(cfg, 100)
-        state = reconpatch_train.init_state(cfg, dim, tx, jax.random.key(0))
+        tx = reconpatch.make_optimizer(cfg, 100)
+        state = reconpatch.init_state(cfg, dim, tx, jax.random.key(0))
         patches = jnp.asarray(rng.normal(size=(cfg.batch_size, dim)).astype(np.float32))
-        step = jax.jit(lambda s, p: reconpatch_train.train_step(s, p, cfg=cfg, tx=tx))
+        step = jax.jit(lambda s, p: reconpatch.train_step(s, p, cfg=cfg, tx=tx))
         seconds = timed(lambda: step(state, patches)[1]["loss"], 5)
         detail = f"batch {cfg.batch_size}, f {dim}->{cfg.feature_dim}, g ->{cfg.projection_dim}"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2

@@ -20,7 +20,7 @@ import time
 
 import jax
 
-from recontrast_jax import evaluate, parallel, patchcore, train
+from recontrast_jax import evaluate, methods, parallel, run
 from recontrast_jax.data import sources
 
 CONFIGS = {
@@ -40,7 +40,7 @@ def load_config(path: str):
 def ensure_trained(config, workdir: str) -> dict:
     metrics_file = os.path.join(workdir, "metrics.json")
     if not os.path.exists(metrics_file):
-        train.train_and_evaluate(config, workdir)
+        run.run(config, workdir)
     with open(metrics_file) as f:
         return json.load(f)
 
@@ -48,19 +48,14 @@ def ensure_trained(config, workdir: str) -> dict:
 def inference_seconds(config, workdir: str, category: str, mesh) -> tuple[float, int]:
     """Seconds for the second (compiled) pass over the test split, and its size."""
     config = config.copy_and_resolve_references()
-    config.mode = "evaluate"
     test = sources.category_files(config, category).test
-    if config.method == "recontrast":
-        state = train.restore_for_inference(config, workdir, category, mesh)
-        predict_fn = evaluate.compile_predict(config, mesh)
-        run = lambda: evaluate.evaluate_split(predict_fn, state, test, config, mesh)  # noqa: E731
-    else:
-        models = patchcore.restore_models(config, workdir, category)
-        predict_fn = patchcore.compile_predict(config, mesh)
-        run = lambda: patchcore.evaluate_models(models, predict_fn, test, config, mesh)  # noqa: E731
-    run()
+    method = methods.get(config.method)
+    model = method.restore(config, workdir, category, mesh)
+    predict_fn = method.compile_predict(config, mesh)
+    score = lambda: evaluate.evaluate_split(predict_fn, model, test, config, mesh)  # noqa: E731
+    score()
     start = time.perf_counter()
-    run()
+    score()
     return time.perf_counter() - start, len(test)
 
 

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from recontrast_jax import default_config, losses, train
+from recontrast_jax import default_config, losses
+from recontrast_jax.methods import recontrast as recontrast_method
 from recontrast_jax.models import recontrast
 
 DEVICES_GB = (16, 40, 80)
@@ -55,8 +56,8 @@ def main() -> None:
     parser.add_argument("--arch", default="wide_resnet50_2")
     parser.add_argument("--sizes", default="256,512")
     args = parser.parse_args()
-    tx = train.make_optimizer(default_config.get_config().optimizer)
-    state = train.create_train_state(args.arch, 64, tx, jax.random.key(0))
+    tx = recontrast_method.make_optimizer(default_config.get_config().optimizer)
+    state = recontrast_method.create_train_state(args.arch, 64, tx, jax.random.key(0))
     # State, plus one gradient per trainable parameter.
     fixed = tree_bytes(state) + tree_bytes(state.params)
     header = " | ".join(f"largest batch / {g} GB" for g in DEVICES_GB)

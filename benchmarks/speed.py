@@ -2,13 +2,14 @@
 
 For each setting, in a fresh subprocess (so peak memory is its own):
 
-* ReContrast train step (`train.compile_train_step`, state donated): compile
-  time, seconds per step, images/s; also with the frozen encoder's features
-  cached (`train.frozen_cache`, the default where they fit);
-* ReContrast inference (`evaluate.compile_predict`: encoders, decoder, cosine
-  maps, upsampling, blur and score in one jitted function): images/s;
-* ReConPatch/PatchCore inference (`patchcore.compile_predict`: patch features,
-  f, kNN against a 1% bank of the training patches, maps): images/s;
+* ReContrast train step (`methods.recontrast.compile_train_step`, state
+  donated): compile time, seconds per step, images/s; also with the frozen
+  encoder's features cached (`train.frozen_cache`, the default where they fit);
+* ReContrast inference (`methods.recontrast.compile_predict`: encoders,
+  decoder, cosine maps, upsampling, blur and score in one jitted function):
+  images/s;
+* ReConPatch/PatchCore inference (`methods.patchcore.compile_predict`: patch
+  features, f, kNN against a 1% bank of the training patches, maps): images/s;
 * FLOPs of each compiled function from XLA's cost analysis, divided by its
   measured time, next to the float32 matmul GFLOP/s measured in the same run
   right after that function's timings (a 2048^3 `jnp.dot`, best of 5; on a
@@ -37,7 +38,8 @@ CHILD = textwrap.dedent(
     """
     import json, resource, sys, time
     import jax, jax.numpy as jnp, numpy as np
-    from recontrast_jax import default_config, evaluate, memory_bank, parallel, patchcore, train
+    from recontrast_jax import default_config, parallel
+    from recontrast_jax.methods import memory_bank, patchcore, recontrast
     from recontrast_jax.models import resnet
 
     setting, steps = sys.argv[1], int(sys.argv[2])
@@ -98,25 +100,25 @@ CHILD = textwrap.dedent(
     config = default_config.get_config()
     config.model.arch = arch
     config.data.image_size = config.data.crop_size = size
-    tx = train.make_optimizer(config.optimizer)
-    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    tx = recontrast.make_optimizer(config.optimizer)
+    state = parallel.replicate(mesh, recontrast.create_train_state(arch, size, tx, jax.random.key(0)))
     images = parallel.global_batch(
         mesh, {"image": rng.normal(size=(batch, size, size, 3)).astype(np.float32)})["image"]
-    step = train.compile_train_step(config, tx, mesh, encoder_train=True)
+    step = recontrast.compile_train_step(config, tx, mesh, encoder_train=True)
     measure(f"ReContrast train step ({arch}, {size} px, batch {batch})",
             step, (state, images), batch, steps, donate=True)
-    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    state = parallel.replicate(mesh, recontrast.create_train_state(arch, size, tx, jax.random.key(0)))
     # Random cached features: the speed of the step does not depend on them.
     cache = parallel.replicate(mesh, [
         np.zeros((batch, size // s, size // s, c), np.float32)
         for s, c in zip((4, 8, 16), resnet.get_arch(arch).stage_channels)])
     index = parallel.global_batch(mesh, {"i": np.arange(batch, dtype=np.int32)})["i"]
-    cached = train.compile_train_step(config, tx, mesh, encoder_train=True, cached_features=True)
+    cached = recontrast.compile_train_step(config, tx, mesh, encoder_train=True, cached_features=True)
     measure(f"ReContrast train step, frozen features cached ({arch}, {size} px, batch {batch})",
             cached, (state, images, index, cache), batch, steps, donate=True)
-    state = parallel.replicate(mesh, train.create_train_state(arch, size, tx, jax.random.key(0)))
+    state = parallel.replicate(mesh, recontrast.create_train_state(arch, size, tx, jax.random.key(0)))
     measure(f"ReContrast inference ({arch}, {size} px)",
-            evaluate.compile_predict(config, mesh), (state, images), batch, steps)
+            recontrast.compile_predict(config, mesh), (state, images), batch, steps)
 
     # ReConPatch inference: features, f, kNN against a 1% bank, maps.
     config.method = "reconpatch"
