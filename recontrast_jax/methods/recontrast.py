@@ -441,7 +441,7 @@ def fit(
         steps before the last (the pipeline evaluates the final model itself).
 
     Returns:
-      The trained state and {'steps': T}.
+      The trained state and {'steps': T, 'train_seconds': time spent training}.
     """
     ckpt = checkpointing.manager(
         checkpoint_dir(workdir, category), config.checkpoint.max_to_keep
@@ -450,11 +450,15 @@ def fit(
     state = fresh_state(config, mesh, "" if resuming else config.model.pretrained)
     if resuming:
         state = checkpointing.restore(ckpt, state)
+    start = time.perf_counter()  # training alone: set-up and restore excluded
     if int(jax.device_get(state.step)) < config.train.steps:
         state = run_training(
             config, category, train_samples, mesh, state, writer, ckpt, evaluate_fn
         )
-    return state, {"steps": float(jax.device_get(state.step))}
+    return state, {
+        "steps": float(jax.device_get(state.step)),
+        "train_seconds": round(time.perf_counter() - start, 2),
+    }
 
 
 def restore(config: ml_collections.ConfigDict, workdir: str, category: str, mesh):
