@@ -20,8 +20,9 @@ import time
 
 import jax
 
-from recontrast_jax import evaluate, methods, parallel, run
+from recontrast_jax import evaluate, parallel, run
 from recontrast_jax.data import sources
+from recontrast_jax.methods import lookup
 
 CONFIGS = {
     "ReContrast": "configs/quickstart.py",
@@ -49,7 +50,7 @@ def inference_seconds(config, workdir: str, category: str, mesh) -> tuple[float,
     """Seconds for the second (compiled) pass over the test split, and its size."""
     config = config.copy_and_resolve_references()
     test = sources.category_files(config, category).test
-    method = methods.get(config.method)
+    method = lookup.get(config.method)
     model = method.restore(config, workdir, category, mesh)
     predict_fn = method.compile_predict(config, mesh)
     score = lambda: evaluate.evaluate_split(predict_fn, model, test, config, mesh)  # noqa: E731

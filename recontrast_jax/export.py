@@ -4,8 +4,8 @@ An exported model takes uint8 RGB images already resized to
 ``(image_size, image_size)`` (PIL bilinear, as in training; see
 :func:`preprocess_for_export`) and does everything else inside: the
 torchvision center crop, ``ToTensor`` + ImageNet normalisation in float32,
-the ReContrast forward pass and the anomaly map and image score of
-:func:`recontrast_jax.methods.recontrast.predict`. The model variables are embedded as
+and the method's predict (``configured_predict`` of its ``methods/`` module:
+model, anomaly map, image score). The model variables are embedded as
 constants, so the artifact needs neither the checkpoint nor this package (only
 ``jax`` to deserialise it). The batch dimension is symbolic: any batch size
 works with the same artifact.
@@ -35,8 +35,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recontrast_jax import methods, parallel, reports, thresholds
+from recontrast_jax import parallel, reports, thresholds
 from recontrast_jax.data import sources
+from recontrast_jax.methods import lookup
 
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.jax_export"
@@ -124,7 +125,7 @@ def inference_fn(
 
 def _model_fn(model, config: ml_collections.ConfigDict):
     """`normalised images -> (maps, scores)` with the host variables closed over."""
-    method = methods.get(config.method)
+    method = lookup.get(config.method)
     return functools.partial(
         method.configured_predict(config), method.host_model(model)
     )
@@ -302,7 +303,7 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
     The chosen thresholds (when calibrated) go into the metadata, so a serving
     system can decide exactly as `predict` does.
     """
-    method = methods.get(config.method)
+    method = lookup.get(config.method)
     mesh = parallel.make_mesh()
     directories = []
     for category in sources.category_names(config):

@@ -20,8 +20,9 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, methods, parallel, reports, thresholds
+from recontrast_jax import evaluate, parallel, reports, thresholds
 from recontrast_jax.data import folder, sources
+from recontrast_jax.methods import lookup
 
 
 def list_images(directory: str) -> list[str]:
@@ -63,7 +64,7 @@ def predict_category(
 def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
     """Scores `samples` with the category's saved model (any method)."""
     mesh = parallel.make_mesh()
-    method = methods.get(config.method)
+    method = lookup.get(config.method)
     model = method.restore(config, workdir, category, mesh)
     predict_fn = method.compile_predict(config, mesh)
     return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)

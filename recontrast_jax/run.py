@@ -15,8 +15,9 @@ import time
 import jax
 import ml_collections
 
-from recontrast_jax import evaluate, methods, parallel, reports, thresholds
+from recontrast_jax import evaluate, parallel, reports, thresholds
 from recontrast_jax.data import sources
+from recontrast_jax.methods import lookup
 
 
 class WorkdirError(OSError):
@@ -50,7 +51,7 @@ def run_category(
     Returns:
       The test metrics, what fitting reported, and timings.
     """
-    method = methods.get(config.method)
+    method = lookup.get(config.method)
     files = sources.category_files(config, category)
     train_samples, held_out = thresholds.holdout_split(
         files.train, config.data.holdout_fraction, config.seed
@@ -117,7 +118,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
       workdir: run directory (resumed when it holds checkpoints).
       fit: train (resuming) before evaluating; False evaluates saved models.
     """
-    methods.get(config.method)  # an unknown method fails before any work
+    lookup.get(config.method)  # an unknown method fails before any work
     prepare_workdir(workdir)
     if jax.process_index() == 0:
         reports.atomic_write_text(

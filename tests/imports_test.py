@@ -24,6 +24,17 @@ def is_type_checking_block(node: ast.AST) -> bool:
     return isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
 
 
+def packages_run(dotted: str) -> list[str]:
+    """The package modules that importing `dotted` runs: each parent, then itself.
+
+    `from recontrast_jax.methods import patchcore` first runs
+    `recontrast_jax/methods/__init__.py`, so that is an edge of the graph too.
+    """
+    parts = dotted.split(".")
+    prefixes = [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
+    return [p for p in prefixes if p in MODULES]
+
+
 def package_imports(tree: ast.AST):
     """(import node, imported package module, at module level) of every import."""
     found = []
@@ -37,18 +48,12 @@ def package_imports(tree: ast.AST):
             )
             if isinstance(child, ast.Import):
                 for alias in child.names:
-                    if alias.name in MODULES:
-                        found.append((child, alias.name, top_level))
+                    for target in packages_run(alias.name):
+                        found.append((child, target, top_level))
             elif isinstance(child, ast.ImportFrom) and child.module in MODULES:
                 for alias in child.names:
-                    target = f"{child.module}.{alias.name}"
-                    found.append(
-                        (
-                            child,
-                            target if target in MODULES else child.module,
-                            top_level,
-                        )
-                    )
+                    for target in packages_run(f"{child.module}.{alias.name}"):
+                        found.append((child, target, top_level))
             visit(child, nested)
 
     visit(tree, True)
@@ -109,5 +114,21 @@ def test_the_cycle_finder_finds_a_cycle():
 def test_function_local_imports_are_seen():
     tree = ast.parse("import os\ndef f():\n    from recontrast_jax import reports\n")
     assert [(t, top) for _, t, top in package_imports(tree)] == [
-        ("recontrast_jax.reports", False)
+        ("recontrast_jax", False),
+        ("recontrast_jax.reports", False),
     ]
+
+
+def test_a_package_init_that_imports_its_submodules_closes_a_cycle():
+    """`from recontrast_jax.methods import memory_bank` in a method module runs
+    `methods/__init__.py` first, so an `__init__` importing the method modules
+    would be a cycle."""
+    tree = ast.parse("from recontrast_jax.methods import memory_bank\n")
+    assert [t for _, t, _ in package_imports(tree)] == [
+        "recontrast_jax",
+        "recontrast_jax.methods",
+        "recontrast_jax.methods.memory_bank",
+    ]
+    graph = import_graph()
+    graph["recontrast_jax.methods"] = {"recontrast_jax.methods.patchcore"}
+    assert find_cycle(graph) is not None

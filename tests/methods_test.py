@@ -4,7 +4,8 @@ import inspect
 
 import pytest
 
-from recontrast_jax import default_config, methods, run
+from recontrast_jax import default_config, run
+from recontrast_jax.methods import lookup
 
 SURFACE = {
     "fit": ["config", "workdir", "category", "train_samples", "mesh", "writer"],
@@ -16,17 +17,17 @@ SURFACE = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(methods.METHODS))
+@pytest.mark.parametrize("name", sorted(lookup.METHODS))
 def test_each_method_has_the_surface(name):
-    module = methods.get(name)
+    module = lookup.get(name)
     for function, leading in SURFACE.items():
         parameters = list(inspect.signature(getattr(module, function)).parameters)
         assert parameters[: len(leading)] == leading, (name, function, parameters)
 
 
 def test_the_three_methods_are_registered():
-    assert sorted(methods.METHODS) == ["patchcore", "reconpatch", "recontrast"]
-    assert methods.get("reconpatch").fit is not methods.get("patchcore").fit
+    assert sorted(lookup.METHODS) == ["patchcore", "reconpatch", "recontrast"]
+    assert lookup.get("reconpatch").fit is not lookup.get("patchcore").fit
 
 
 def test_an_unknown_method_fails_before_any_work(tmp_path):

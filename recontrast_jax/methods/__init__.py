@@ -10,27 +10,8 @@
   host_model(model)           host copy of what predict reads (export constants)
   model_step(model)           its training step (None if it has none)
 
-`run.py` drives every method through this surface; `get` is the one place
-that maps `config.method` to its module.
+`run.py` drives every method through this surface; `lookup.get` is the one
+place that maps `config.method` to its module. This `__init__` imports nothing:
+the method modules import their neighbours from this package, so importing
+them here would be a cycle.
 """
-
-from __future__ import annotations
-
-import types
-
-from recontrast_jax.methods import patchcore, reconpatch, recontrast
-
-METHODS: dict[str, types.ModuleType] = {
-    "recontrast": recontrast,
-    "patchcore": patchcore,
-    "reconpatch": reconpatch,
-}
-
-
-def get(name: str) -> types.ModuleType:
-    """The module of method `name` (`config.method`)."""
-    if name not in METHODS:
-        raise ValueError(
-            f"Unknown config.method {name!r}: use one of {sorted(METHODS)}."
-        )
-    return METHODS[name]
