@@ -39,7 +39,7 @@ SHAPES = (
 
 
 def xla_kernel_gradient(x, kernel, grad, stride):
-    conv = lambda k: layers._xla_conv3x3(x, k, stride)  # noqa: E731
+    conv = lambda k: layers.conv3x3_native(x, k, stride)  # noqa: E731
     return jax.vjp(conv, kernel)[1](grad)[0]
 
 

@@ -119,14 +119,52 @@ def cast_floating(tree, dtype):
     )
 
 
+def on_cpu_else_native(*args, cpu, native):
+    """`cpu(*args)` when lowered for the CPU, `native(*args)` for any other platform.
+
+    The matmul formulations below are tuned for XLA's CPU backend; GPUs and TPUs
+    run XLA's own convolutions faster. The choice is made when the program is
+    lowered for its platform (`jax.lax.platform_dependent`), so a program
+    lowered or exported here for `cuda` or `tpu` holds only the native path.
+    """
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=native)
+
+
+def _conv_dimensions():
+    return ("NHWC", "HWIO", "NHWC")
+
+
+def pointwise_conv_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A bias-free 1x1 conv as one matmul (a stride keeps every stride-th pixel)."""
+    if stride > 1:
+        x = x[:, ::stride, ::stride, :]
+    return jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+
+
+def pointwise_conv_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """The same 1x1 conv as XLA's convolution."""
+    return jax.lax.conv_general_dilated(
+        x, kernel, (stride, stride), "VALID", dimension_numbers=_conv_dimensions()
+    )
+
+
+def pointwise_conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A bias-free 1x1 conv: a matmul on the CPU, XLA's convolution elsewhere."""
+    return on_cpu_else_native(
+        x,
+        kernel,
+        cpu=functools.partial(pointwise_conv_matmul, stride=stride),
+        native=functools.partial(pointwise_conv_native, stride=stride),
+    )
+
+
 class PointwiseConv(nn.Module):
-    """A 1x1 conv (stride 1 or 2, no padding, optional bias) computed as a matmul.
+    """A 1x1 conv (stride 1 or 2, no padding, optional bias), see `pointwise_conv`.
 
     The same `kernel` (1, 1, in, out), `bias` (out,) and initialisation as
     `nn.Conv`, so checkpoints and weight conversion are unchanged; XLA's CPU
     convolution (and its weight gradient) is 2-4x slower than its matmul for
-    1x1 kernels. A stride keeps every stride-th pixel, as a strided 1x1 conv
-    does.
+    1x1 kernels.
 
     Attributes:
       features: output channels.
@@ -143,9 +181,7 @@ class PointwiseConv(nn.Module):
         kernel = self.param(
             "kernel", conv_kernel_init, (1, 1, x.shape[-1], self.features), jnp.float32
         ).astype(x.dtype)
-        if self.stride > 1:
-            x = x[:, :: self.stride, :: self.stride, :]
-        y = jnp.einsum("bhwc,co->bhwo", x, kernel[0, 0])
+        y = pointwise_conv(x, kernel, self.stride)
         if self.use_bias:
             bias = self.param(
                 "bias", torch_default_bias_init(x.shape[-1]), (self.features,)
@@ -180,25 +216,32 @@ def _tap_views(x: jax.Array, stride: int) -> list[jax.Array]:
     ]
 
 
-def _xla_conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+def conv3x3_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 3x3 conv with padding 1 (NHWC, HWIO) as XLA's convolution."""
     return jax.lax.conv_general_dilated(
         x,
         kernel,
         (stride, stride),
         ((1, 1), (1, 1)),
-        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        dimension_numbers=_conv_dimensions(),
     )
 
 
 def conv3x3(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """A 3x3 conv with padding 1 (NHWC, HWIO), as `lax.conv_general_dilated`.
 
-    Stride 1 is XLA's convolution; stride 2 is `strided_conv3x3`, the same
-    values and gradients up to float summation order.
+    Stride 1 is XLA's convolution everywhere; stride 2 is `strided_conv3x3` on
+    the CPU (the same values and gradients up to float summation order) and
+    XLA's convolution on other platforms.
     """
     if stride == 1:
-        return _xla_conv3x3(x, kernel, 1)
-    return strided_conv3x3(x, kernel, stride)
+        return conv3x3_native(x, kernel, 1)
+    return on_cpu_else_native(
+        x,
+        kernel,
+        cpu=lambda a, k: strided_conv3x3(a, k, stride),
+        native=lambda a, k: conv3x3_native(a, k, stride),
+    )
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -250,7 +293,7 @@ def _strided_conv3x3_fwd(x, kernel, stride):
 
 def _strided_conv3x3_bwd(stride, residuals, grad):
     x, kernel = residuals
-    _, input_vjp = jax.vjp(lambda a: _xla_conv3x3(a, kernel, stride), x)
+    _, input_vjp = jax.vjp(lambda a: conv3x3_native(a, kernel, stride), x)
     (grad_x,) = input_vjp(grad)
     return grad_x, conv3x3_kernel_gradient(x, grad, stride, kernel)
 
@@ -317,15 +360,39 @@ def conv(
     )
 
 
+def transposed_conv2x2_matmul(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 2x2, stride-2 transposed conv as one matmul per tap and an interleave."""
+    batch, height, width, _ = x.shape
+    taps = jnp.einsum("bhwc,pqoc->bhpwqo", x, kernel)
+    # Under a sharded batch the merged layout must be named (same as x's).
+    return jax.lax.reshape(
+        taps,
+        (batch, 2 * height, 2 * width, kernel.shape[2]),
+        out_sharding=jax.typeof(x).sharding,
+    )
+
+
+def transposed_conv2x2_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The same transposed conv as XLA's (dilated) convolution."""
+    return jax.lax.conv_transpose(
+        x,
+        kernel,
+        (2, 2),
+        "VALID",
+        dimension_numbers=_conv_dimensions(),
+        transpose_kernel=True,
+    )
+
+
 class TransposedConv2x2(nn.Module):
     """PyTorch's ConvTranspose2d(k=2, s=2, bias=False): out[2i + a, 2j + b] = x[i, j] . W[a, b].
 
     The kernel is stored as Flax's `ConvTranspose(transpose_kernel=True)` stores
     it, (kh, kw, out, in) = the PyTorch weight (in, out, kh, kw) transposed, so
     checkpoints and weight conversion are unchanged. With stride = kernel the
-    output cells do not overlap, so the layer is one matmul per kernel tap
-    followed by an interleave; XLA's dilated-convolution lowering of the same
-    op (and of its gradient) is ~60x slower on CPU.
+    output cells do not overlap, so on the CPU the layer is one matmul per
+    kernel tap followed by an interleave; XLA's CPU lowering of the same op (and
+    of its gradient) is ~60x slower. Other platforms get XLA's op.
 
     Attributes:
       features: output channels.
@@ -341,13 +408,8 @@ class TransposedConv2x2(nn.Module):
             (2, 2, self.features, x.shape[-1]),
             jnp.float32,
         ).astype(x.dtype)
-        batch, height, width, _ = x.shape
-        taps = jnp.einsum("bhwc,pqoc->bhpwqo", x, kernel)
-        # Under a sharded batch the merged layout must be named (same as x's).
-        return jax.lax.reshape(
-            taps,
-            (batch, 2 * height, 2 * width, self.features),
-            out_sharding=jax.typeof(x).sharding,
+        return on_cpu_else_native(
+            x, kernel, cpu=transposed_conv2x2_matmul, native=transposed_conv2x2_native
         )
 
 
