@@ -12,6 +12,9 @@ outputs are brought back to every host with `to_host`.
 from __future__ import annotations
 
 import collections
+import ctypes
+import ctypes.util
+import functools
 
 import jax
 import numpy as np
@@ -147,3 +150,21 @@ def prefetch_to_device(mesh: Mesh, local_batches, size: int = 2):
             yield queue.popleft()
     while queue:
         yield queue.popleft()
+
+
+@functools.cache
+def _libc():
+    name = ctypes.util.find_library("c")
+    return ctypes.CDLL(name) if name else None
+
+
+def release_host_memory() -> None:
+    """Hands freed heap pages back to the OS (glibc's `malloc_trim`; else nothing).
+
+    Compiling a large program, XLA frees about a gigabyte of host memory that
+    glibc keeps mapped; returning it before the first step runs keeps it out of
+    the process's peak (0.8 GiB for the wide_resnet50_2 train step).
+    """
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)

@@ -231,10 +231,25 @@ def compile_train_step(
 
 
 def batch_step(step_fn, cache: list[jax.Array] | None):
-    """`step(state, global_batch_dict)` over a compiled (cached or plain) step."""
-    if cache is None:
-        return lambda state, batch: step_fn(state, batch["image"])
-    return lambda state, batch: step_fn(state, batch["image"], batch["index"], cache)
+    """`step(state, global_batch_dict)` over a jitted (cached or plain) step.
+
+    Each new batch shape (the last batch of an epoch can be smaller) is
+    compiled ahead of time, and the compiler's freed host memory is released
+    (`parallel.release_host_memory`) before that step runs.
+    """
+    compiled = {}
+
+    def step(state, batch):
+        args = (state, batch["image"])
+        if cache is not None:
+            args = (*args, batch["index"], cache)
+        shape = batch["image"].shape
+        if shape not in compiled:
+            compiled[shape] = step_fn.lower(*args).compile()
+            parallel.release_host_memory()
+        return compiled[shape](*args)
+
+    return step
 
 
 def predict(
