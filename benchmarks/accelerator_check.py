@@ -34,10 +34,10 @@ import importlib.util
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 
+import fresh_process
 import jax
 import numpy as np
 import optax
@@ -200,13 +200,7 @@ def run_child(*args: object) -> dict:
         f"import sys; sys.path.insert(0, {HERE!r}); "
         "import accelerator_check as c; c.child(*sys.argv[1:])"
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code, *map(str, args)],
-        check=True,
-        capture_output=True,
-        text=True,
-    )
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return fresh_process.run_json(code, *args)
 
 
 def device_line() -> str:
