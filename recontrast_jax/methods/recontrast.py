@@ -1,6 +1,6 @@
 """ReContrast: the method's training loop, checkpoints and data.
 
-The method surface shared with the other methods (`methods/__init__.py`):
+The method surface shared with the other methods (`methods/lookup.py`):
 `fit` trains a category's model (resuming from its latest checkpoint),
 `restore` loads a saved one, `compile_predict` jits `predict(model, images) ->
 (maps, scores)` over the mesh, `configured_predict` is the same pure function

@@ -130,8 +130,8 @@ def on_cpu_else_native(*args, cpu, native):
     return jax.lax.platform_dependent(*args, cpu=cpu, default=native)
 
 
-def _conv_dimensions():
-    return ("NHWC", "HWIO", "NHWC")
+# Image, kernel and output layouts of every convolution here.
+CONV_DIMENSIONS = ("NHWC", "HWIO", "NHWC")
 
 
 def pointwise_conv_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
@@ -144,7 +144,7 @@ def pointwise_conv_matmul(x: jax.Array, kernel: jax.Array, stride: int) -> jax.A
 def pointwise_conv_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """The same 1x1 conv as XLA's convolution."""
     return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), "VALID", dimension_numbers=_conv_dimensions()
+        x, kernel, (stride, stride), "VALID", dimension_numbers=CONV_DIMENSIONS
     )
 
 
@@ -223,7 +223,7 @@ def conv3x3_native(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
         kernel,
         (stride, stride),
         ((1, 1), (1, 1)),
-        dimension_numbers=_conv_dimensions(),
+        dimension_numbers=CONV_DIMENSIONS,
     )
 
 
@@ -379,7 +379,7 @@ def transposed_conv2x2_native(x: jax.Array, kernel: jax.Array) -> jax.Array:
         kernel,
         (2, 2),
         "VALID",
-        dimension_numbers=_conv_dimensions(),
+        dimension_numbers=CONV_DIMENSIONS,
         transpose_kernel=True,
     )
 
