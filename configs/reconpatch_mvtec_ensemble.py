@@ -14,6 +14,10 @@ normalisation are assumed; the paper states only the score normalisation).
 Paper (ensemble, 320 px): image AUROC 99.67, pixel AUROC 98.36; at 480 px
 (`--config.data.image_size=480 --config.data.crop_size=480`, resize recipe not
 stated): 99.72 / 98.67.
+
+Assumed, as for configs/reconpatch_mvtec.py: PatchCore's reference data and
+feature rules (Resize(366) with the aspect kept, exact-1 masks, the BatchNorm
+statistics forward of every backbone) and the paper's Euclidean distance.
 """
 
 from recontrast_jax import default_config
@@ -27,6 +31,7 @@ def get_config(category: str = "all"):
     config.data.image_size = 366
     config.data.crop_size = 320
     config.patchcore.ensemble = ENSEMBLE
+    default_config.use_patchcore_reference_pipeline(config)
     config.patchcore.coreset_ratio = 0.01
     config.reconpatch.feature_dim = 384
     config.reconpatch.epochs = 60

@@ -36,8 +36,15 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.tfds_name = ""  # for 'tfds': mvtec_ad, visa, aptos2019, oct2017, ...
     config.data.tfds_data_dir = ""  # for 'tfds': TFDS data dir ('' = TFDS default)
     config.data.tfds_manual_dir = ""  # for 'tfds': downloaded archives, to prepare
-    config.data.image_size = 256  # Resize((s, s)), PIL bilinear with antialias
+    config.data.image_size = 256  # resize side, PIL bilinear with antialias
     config.data.crop_size = 256  # CenterCrop after resizing
+    # 'squash': Resize((s, s)) (ReContrast's scripts); 'shorter_side':
+    # Resize(s), the shorter side to s with the aspect ratio kept (PatchCore's).
+    config.data.resize = "squash"
+    # Ground truth after resizing: 'positive' = any pixel > 0 is anomalous and
+    # the image label is the mask's max (ReContrast); 'exactly_one' = only
+    # pixels still 255 count and the label is the folder's (PatchCore).
+    config.data.mask_rule = "positive"
     config.data.cache = True  # keep decoded training images in memory
     # Normal training images held out (never trained on) to calibrate thresholds.
     # The paper configs set 0 (the paper trains on all of them); thresholds then
@@ -92,6 +99,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.patchcore.coreset_ratio = 0.01  # approximate greedy coreset fraction
     config.patchcore.reweight_neighbors = 1  # >1: Eq. 10 reweighting with b neighbours
     config.patchcore.reweight_per_patch = False  # reweight every patch, not the max
+    # Patch score: 'euclidean' (the papers' D), or 'squared' L2, what the
+    # PatchCore reference's faiss IndexFlatL2 returns (scores and maps from d^2).
+    config.patchcore.distance = "euclidean"
+    # PatchCore.load()'s side effect (spec reconpatch.md section 1.2): one
+    # train-mode forward of a raw all-ones crop through the backbone updates
+    # every BatchNorm's running statistics (momentum 0.1) before features are
+    # taken. Every published PatchCore number was produced with it.
+    config.patchcore.bn_stats_forward = False
     # Ensemble: several backbones (e.g. ('wide_resnet101_2', 'resnext101_32x8d',
     # 'densenet201')); () = the single config.model.arch. Each model's scores
     # and maps are modified-z-scored with the median and MAD of its own scores
@@ -185,6 +200,19 @@ def mvtec_config(category: str) -> ml_collections.ConfigDict:
     config.data.holdout_fraction = 0.0
     config.model.pretrained = "imagenet"
     return config
+
+
+def use_patchcore_reference_pipeline(config: ml_collections.ConfigDict) -> None:
+    """PatchCore's reference data and feature rules (spec reconpatch.md 1.1-1.2).
+
+    `Resize(s)` with the aspect ratio kept, masks counted where exactly 1 after
+    resizing (image labels from the folders), and the BatchNorm statistics
+    moved by `PatchCore.load()`'s all-ones forward. The nearest-neighbour
+    distance (`patchcore.distance`) is set by each config.
+    """
+    config.data.resize = "shorter_side"
+    config.data.mask_rule = "exactly_one"
+    config.patchcore.bn_stats_forward = True
 
 
 def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:

@@ -76,8 +76,7 @@ def score_split(
     dataset = input_pipeline.eval_dataset(
         samples,
         batch_size=config.eval.batch_size,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
+        **input_pipeline.eval_transform(config.data),
     )
     parts = {k: [] for k in ("maps", "scores", "masks", "labels", "images")}
     for batch in input_pipeline.iterate_numpy(dataset):

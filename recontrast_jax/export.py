@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from PIL import Image
 
 from recontrast_jax import parallel, reports, thresholds
 from recontrast_jax.data import sources
@@ -46,7 +47,9 @@ SAVED_MODEL_DIR = "saved_model"
 
 INPUT_DESCRIPTION = (
     "uint8 RGB images [batch, image_size, image_size, 3], resized from the "
-    "original with PIL bilinear (antialiased) to (image_size, image_size); the "
+    "original with PIL bilinear (antialiased) to (image_size, image_size), or "
+    "for resize 'shorter_side' with the aspect kept and cut to that square "
+    "(preprocess_for_export); the "
     "model center-crops to crop_size and normalises with the ImageNet mean/std. "
     "Outputs: anomaly maps float32 [batch, crop_size, crop_size] and image "
     "scores float32 [batch]."
@@ -60,15 +63,25 @@ _NORMALIZE_TABLE = input_pipeline.normalize_uint8(
 )
 
 
-def preprocess_for_export(image_uint8: np.ndarray, image_size: int) -> np.ndarray:
+def preprocess_for_export(
+    image_uint8: np.ndarray,
+    image_size: int,
+    resize: str = "squash",
+    crop_size: int | None = None,
+) -> np.ndarray:
     """Resizes one image of any size to the exported model's input.
 
     The same PIL bilinear resize as training; the center crop is left to the
-    exported model (a crop of the full size is the identity).
+    exported model (a crop of the full size is the identity). With
+    ``resize='shorter_side'`` (``metadata['resize']``) the aspect-kept resize is
+    cut to the (image_size, image_size) square whose centre crop of
+    ``crop_size`` is torchvision's ``CenterCrop`` of the whole resized image.
 
     Args:
       image_uint8: uint8 RGB array (H, W, 3) of any size.
-      image_size: Side of the square resize (``metadata['image_size']``).
+      image_size: Side of the square input (``metadata['image_size']``).
+      resize: ``metadata['resize']``, one of ``input_pipeline.RESIZE_MODES``.
+      crop_size: ``metadata['crop_size']``; needed for 'shorter_side'.
 
     Returns:
       uint8 array (image_size, image_size, 3).
@@ -79,7 +92,18 @@ def preprocess_for_export(image_uint8: np.ndarray, image_size: int) -> np.ndarra
             f"preprocess_for_export expects a uint8 (H, W, 3) RGB image, got "
             f"{image.dtype} {image.shape}"
         )
-    return input_pipeline.resize_and_crop_uint8(image, image_size, image_size)
+    if resize == "squash":
+        return input_pipeline.resize_and_crop_uint8(image, image_size, image_size)
+    if crop_size is None:
+        raise ValueError(
+            "preprocess_for_export with resize='shorter_side' needs crop_size"
+        )
+    height, width = input_pipeline.resized_shape(*image.shape[:2], image_size, resize)
+    inner = input_pipeline.center_crop_offsets(image_size, crop_size)
+    top = input_pipeline.center_crop_offsets(height, crop_size) - inner
+    left = input_pipeline.center_crop_offsets(width, crop_size) - inner
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    return resized[top : top + image_size, left : left + image_size]
 
 
 def _normalize(images_uint8: jax.Array) -> jax.Array:
@@ -142,6 +166,7 @@ def _metadata(config: ml_collections.ConfigDict, extra: Mapping[str, Any] | None
         "format_version": FORMAT_VERSION,
         "image_size": int(config.data.image_size),
         "crop_size": int(config.data.crop_size),
+        "resize": str(config.data.resize),
         "method": str(config.method),
         "arch": str(config.model.arch),
         "ensemble": list(config.patchcore.ensemble),

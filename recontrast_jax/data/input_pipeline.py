@@ -3,7 +3,10 @@
 The reference transforms are torchvision's ``Resize((s, s))`` on a PIL image
 (bilinear, antialiased when downsampling), ``ToTensor``, ``CenterCrop(crop)`` and
 ``Normalize(IMAGENET_MEAN, IMAGENET_STD)``; ground-truth masks get the same
-resize and crop and are binarised with ``> 0``. Decoding and resizing run in PIL
+resize and crop and are binarised with ``> 0``. PatchCore's reference code
+differs in two rules, both options here: ``Resize(s)`` (shorter side to s,
+aspect ratio kept; ``resize='shorter_side'``) and masks that count only pixels
+still exactly 1 after resizing (``mask_rule='exactly_one'``). Decoding and resizing run in PIL
 (through ``tf.numpy_function``) so the pixels are exactly the reference's;
 TensorFlow only schedules the work, batches and prefetches.
 
@@ -43,6 +46,14 @@ except (RuntimeError, ValueError):
     # Devices were already initialised (TF imported and used elsewhere first).
     pass
 
+# 'squash': Resize((s, s)) (ReContrast's scripts); 'shorter_side': Resize(s),
+# the shorter side to s and the longer int(s * long / short) (PatchCore's).
+RESIZE_MODES = ("squash", "shorter_side")
+# 'positive': a mask pixel > 0 after resizing is anomalous (ReContrast);
+# 'exactly_one': only pixels that stay 255, i.e. 1.0 after ToTensor, count
+# (PatchCore's `.astype(int)`), and the image label is the folder's.
+MASK_RULES = ("positive", "exactly_one")
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -56,10 +67,10 @@ _STD32 = np.asarray(IMAGENET_STD, np.float32)
 
 
 def center_crop_offsets(size: int, crop_size: int) -> int:
-    """Top/left offset of torchvision's ``CenterCrop`` on a square image.
+    """Top (or left) offset of torchvision's ``CenterCrop`` along one side.
 
     Args:
-      size: Side of the (square) image.
+      size: Height (or width) of the image.
       crop_size: Side of the crop.
 
     Returns:
@@ -71,24 +82,47 @@ def center_crop_offsets(size: int, crop_size: int) -> int:
     return int(round((size - crop_size) / 2.0))
 
 
+def check_choice(field: str, value: str, choices: Sequence[str]) -> None:
+    """Raises a ValueError naming the config field if `value` is not a choice."""
+    if value not in choices:
+        raise ValueError(f"{field} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def resized_shape(height: int, width: int, image_size: int, resize: str):
+    """(H, W) after torchvision's ``Resize((s, s))`` or ``Resize(s)``.
+
+    ``Resize(s)`` maps the shorter side to s and the longer one to
+    ``int(s * long / short)``, the arithmetic of torchvision's
+    ``_compute_resized_output_size``.
+    """
+    check_choice("data.resize", resize, RESIZE_MODES)
+    if resize == "squash":
+        return image_size, image_size
+    if width <= height:
+        return int(image_size * height / width), image_size
+    return image_size, int(image_size * width / height)
+
+
 def resize_and_crop_uint8(
-    image_uint8: np.ndarray, image_size: int, crop_size: int
+    image_uint8: np.ndarray, image_size: int, crop_size: int, resize: str = "squash"
 ) -> np.ndarray:
-    """PIL bilinear resize to (image_size, image_size), then center crop.
+    """PIL bilinear resize (see `resized_shape`), then torchvision's center crop.
 
     Args:
       image_uint8: uint8 array (H, W, 3) or (H, W).
-      image_size: Side after resizing.
+      image_size: Side after resizing (the shorter side for 'shorter_side').
       crop_size: Side after center cropping.
+      resize: one of `RESIZE_MODES`.
 
     Returns:
       uint8 array (crop_size, crop_size[, 3]).
     """
-    top = center_crop_offsets(image_size, crop_size)
-    resized = Image.fromarray(np.asarray(image_uint8, np.uint8)).resize(
-        (image_size, image_size), Image.BILINEAR
-    )
-    return np.asarray(resized)[top : top + crop_size, top : top + crop_size]
+    image = np.asarray(image_uint8, np.uint8)
+    height, width = resized_shape(*image.shape[:2], image_size, resize)
+    top = center_crop_offsets(height, crop_size)
+    left = center_crop_offsets(width, crop_size)
+    resized = Image.fromarray(image).resize((width, height), Image.BILINEAR)
+    return np.asarray(resized)[top : top + crop_size, left : left + crop_size]
 
 
 def normalize_uint8(image_uint8: np.ndarray) -> np.ndarray:
@@ -98,41 +132,63 @@ def normalize_uint8(image_uint8: np.ndarray) -> np.ndarray:
 
 
 def preprocess_image(
-    image_uint8: np.ndarray, image_size: int, crop_size: int
+    image_uint8: np.ndarray, image_size: int, crop_size: int, resize: str = "squash"
 ) -> np.ndarray:
     """Reference image transform: Resize, ToTensor, CenterCrop, Normalize.
 
     Args:
       image_uint8: uint8 RGB array (H, W, 3), e.g. from :func:`folder.load_rgb`.
-      image_size: Side of the square resize (PIL bilinear, antialiased).
+      image_size: Side of the resize (PIL bilinear, antialiased).
       crop_size: Side of the center crop.
+      resize: one of `RESIZE_MODES`.
 
     Returns:
       float32 array (crop_size, crop_size, 3), channels last.
     """
-    return normalize_uint8(resize_and_crop_uint8(image_uint8, image_size, crop_size))
+    image = resize_and_crop_uint8(image_uint8, image_size, crop_size, resize)
+    return normalize_uint8(image)
 
 
 def preprocess_mask(
-    mask_uint8: np.ndarray | None, image_size: int, crop_size: int
+    mask_uint8: np.ndarray | None,
+    image_size: int,
+    crop_size: int,
+    resize: str = "squash",
+    mask_rule: str = "positive",
 ) -> np.ndarray:
-    """Reference ground-truth transform: PIL bilinear resize, ``> 0``, center crop.
+    """Reference ground-truth transform: PIL bilinear resize, center crop, binarise.
 
-    Any pixel that bilinear resizing touches counts as anomalous, which slightly
-    dilates the masks; the reference does the same.
+    With 'positive' any pixel that bilinear resizing touches counts as
+    anomalous, which slightly dilates the masks (ReContrast's reference does
+    the same); with 'exactly_one' only pixels that stay 255 count, which
+    erodes them (PatchCore's).
 
     Args:
       mask_uint8: uint8 array (H, W), or None for a good image.
-      image_size: Side of the square resize.
+      image_size: Side of the resize.
       crop_size: Side of the center crop.
+      resize: one of `RESIZE_MODES`.
+      mask_rule: one of `MASK_RULES`.
 
     Returns:
       bool array (crop_size, crop_size).
     """
+    check_choice("data.mask_rule", mask_rule, MASK_RULES)
     if mask_uint8 is None:
         center_crop_offsets(image_size, crop_size)  # Validates the sizes.
         return np.zeros((crop_size, crop_size), bool)
-    return resize_and_crop_uint8(mask_uint8, image_size, crop_size) > 0
+    mask = resize_and_crop_uint8(mask_uint8, image_size, crop_size, resize)
+    return mask == 255 if mask_rule == "exactly_one" else mask > 0
+
+
+def eval_transform(data_config) -> dict:
+    """`eval_dataset`'s resize, crop and mask arguments from a config's `data`."""
+    return {
+        "image_size": int(data_config.image_size),
+        "crop_size": int(data_config.crop_size),
+        "resize": str(data_config.resize),
+        "mask_rule": str(data_config.mask_rule),
+    }
 
 
 # --------------------------------------------------------------------------
@@ -309,7 +365,11 @@ def _epoch_permutation(seed: int, n: int):
 
 
 def _image_loader(
-    samples: Sequence[folder.Sample], image_size: int, crop_size: int, cache: bool
+    samples: Sequence[folder.Sample],
+    image_size: int,
+    crop_size: int,
+    cache: bool,
+    resize: str,
 ):
     """Returns a numpy function loading a batch of indices as uint8 images."""
     memo: dict[int, np.ndarray] = {}
@@ -318,7 +378,7 @@ def _image_loader(
         image = memo.get(index)
         if image is None:
             rgb = folder.load_sample_image(samples[index])
-            image = resize_and_crop_uint8(rgb, image_size, crop_size)
+            image = resize_and_crop_uint8(rgb, image_size, crop_size, resize)
             if cache:
                 memo[index] = image
         return image
@@ -346,6 +406,7 @@ def train_dataset(
     image_size: int,
     crop_size: int,
     seed: int,
+    resize: str = "squash",
     batch_multiple: int = 1,
     drop_remainder: bool = False,
     cache: bool = True,
@@ -365,9 +426,10 @@ def train_dataset(
     Args:
       samples: Training samples (all processes pass the same list).
       batch_size: Per-process batch size.
-      image_size: Side of the square resize.
+      image_size: Side of the resize.
       crop_size: Side of the center crop.
       seed: Non-negative shuffling seed.
+      resize: one of `RESIZE_MODES`.
       batch_multiple: Every batch size is a multiple of this (local devices).
       drop_remainder: Drop each epoch's incomplete last batch.
       cache: Keep decoded, resized images in memory after their first use.
@@ -392,6 +454,7 @@ def train_dataset(
     _check_batch_args(batch_size, batch_multiple)
     if seed < 0:
         raise ValueError(f"seed must be non-negative, got {seed}")
+    check_choice("data.resize", resize, RESIZE_MODES)
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} not in [0, {process_count})")
     if process_count > 1 and not drop_remainder:
@@ -422,7 +485,7 @@ def train_dataset(
             batches = batches.filter(lambda ix: tf.size(ix) > 0)
         return batches
 
-    load_batch = _image_loader(shard, image_size, crop_size, cache)
+    load_batch = _image_loader(shard, image_size, crop_size, cache, resize)
 
     def load(indices):
         images = _numpy_function(load_batch, [indices], tf.uint8)
@@ -462,7 +525,12 @@ def _check_batch_args(batch_size: int, batch_multiple: int) -> None:
 
 
 def _eval_loader(
-    samples: Sequence[folder.Sample], batch_size: int, image_size: int, crop_size: int
+    samples: Sequence[folder.Sample],
+    batch_size: int,
+    image_size: int,
+    crop_size: int,
+    resize: str,
+    mask_rule: str,
 ):
     """Returns a numpy function loading batch number ``b`` (zero padded)."""
     n = len(samples)
@@ -477,12 +545,16 @@ def _eval_loader(
         for slot, i in enumerate(range(start, min(start + batch_size, n))):
             sample = samples[i]
             rgb = folder.load_sample_image(sample)
-            images[slot] = resize_and_crop_uint8(rgb, image_size, crop_size)
+            images[slot] = resize_and_crop_uint8(rgb, image_size, crop_size, resize)
             mask = folder.load_sample_mask(sample)
-            masks[slot] = preprocess_mask(mask, image_size, crop_size)
-            # The reference's image label is the max of the resized GT mask;
-            # sources without masks (medical sets) carry the label itself.
-            labels[slot] = masks[slot].any() if sample.has_mask else sample.label
+            masks[slot] = preprocess_mask(
+                mask, image_size, crop_size, resize, mask_rule
+            )
+            # ReContrast's image label is the max of the resized GT mask;
+            # PatchCore's and sources without masks (medical sets) carry the
+            # sample's own.
+            from_mask = sample.has_mask and mask_rule == "positive"
+            labels[slot] = masks[slot].any() if from_mask else sample.label
             valid[slot] = True
             index[slot] = i
         return images, masks, labels, valid, index
@@ -496,6 +568,8 @@ def eval_dataset(
     batch_size: int,
     image_size: int,
     crop_size: int,
+    resize: str = "squash",
+    mask_rule: str = "positive",
     batch_multiple: int = 1,
     cache: bool = False,
 ) -> tf.data.Dataset:
@@ -504,17 +578,20 @@ def eval_dataset(
     Args:
       samples: Test samples (e.g. ``folder.scan_category(...).test``).
       batch_size: Batch size; every batch has exactly this size.
-      image_size: Side of the square resize.
+      image_size: Side of the resize.
       crop_size: Side of the center crop.
+      resize: one of `RESIZE_MODES`.
+      mask_rule: one of `MASK_RULES`.
       batch_multiple: ``batch_size`` must be a multiple of this (local devices).
       cache: Keep the decoded batches in memory after the first full pass, for
         repeated evaluations during training.
 
     Returns:
       A ``tf.data.Dataset`` of dicts: ``image`` float32 [b, crop, crop, 3],
-      ``mask`` bool [b, crop, crop], ``label`` int32 [b] (1 if the mask has any
-      pixel set; the sample's own label when it has no mask), ``valid`` bool [b] (False for padding) and ``index`` int32 [b]
-      (position in ``samples``). Padding entries are zero, with index -1.
+      ``mask`` bool [b, crop, crop], ``label`` int32 [b] (with 'positive', 1 if
+      the mask has any pixel set; otherwise, or without a mask, the sample's
+      own label), ``valid`` bool [b] (False for padding) and ``index`` int32
+      [b] (position in ``samples``). Padding entries are zero, with index -1.
 
     Raises:
       ValueError: If ``batch_size`` is not a multiple of ``batch_multiple`` or
@@ -527,7 +604,11 @@ def eval_dataset(
         raise ValueError("eval_dataset needs at least one sample")
     _check_files_exist(samples)
     center_crop_offsets(image_size, crop_size)
-    load_batch = _eval_loader(samples, batch_size, image_size, crop_size)
+    check_choice("data.resize", resize, RESIZE_MODES)
+    check_choice("data.mask_rule", mask_rule, MASK_RULES)
+    load_batch = _eval_loader(
+        samples, batch_size, image_size, crop_size, resize, mask_rule
+    )
     types = (tf.uint8, tf.bool, tf.int32, tf.bool, tf.int32)
 
     def load(batch_number):

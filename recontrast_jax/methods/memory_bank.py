@@ -268,9 +268,16 @@ def _pad_rows(x: jax.Array, multiple: int) -> jax.Array:
     return jnp.pad(x, ((0, pad), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "query_chunk", "bank_chunk"))
+@functools.partial(
+    jax.jit, static_argnames=("k", "query_chunk", "bank_chunk", "squared")
+)
 def _chunked_knn(
-    queries: jax.Array, bank: jax.Array, k: int, query_chunk: int, bank_chunk: int
+    queries: jax.Array,
+    bank: jax.Array,
+    k: int,
+    query_chunk: int,
+    bank_chunk: int,
+    squared: bool,
 ) -> tuple[jax.Array, jax.Array]:
     num_queries, dim = queries.shape
     bank_size = bank.shape[0]
@@ -307,7 +314,7 @@ def _chunked_knn(
         (best_sq, best_ids), _ = jax.lax.scan(
             merge_bank_block, init, (bank_blocks, bank_sq, bank_ids)
         )
-        return jnp.sqrt(best_sq), best_ids
+        return (best_sq if squared else jnp.sqrt(best_sq)), best_ids
 
     distances, indices = jax.lax.map(search_query_block, query_blocks)
     distances = distances.reshape(-1, k)[:num_queries]
@@ -320,6 +327,7 @@ def nearest_neighbors(
     bank: jax.Array,
     k: int = 1,
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES,
+    squared: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Exact k-nearest-neighbour search with bounded temporary memory.
 
@@ -332,10 +340,11 @@ def nearest_neighbors(
       bank: ``[M, D]`` memory bank.
       k: Number of neighbours, ``1 <= k <= M``.
       memory_budget_bytes: Budget for the largest distance block.
+      squared: Return squared L2 distances ``max(|q|^2 - 2 q.m + |m|^2, 0)``,
+        as faiss ``IndexFlatL2`` does, instead of their square roots.
 
     Returns:
-      ``(distances, indices)``, both ``[Q, k]``, sorted by increasing Euclidean
-      distance.
+      ``(distances, indices)``, both ``[Q, k]``, sorted by increasing distance.
     """
     queries = jnp.asarray(queries, jnp.float32)
     bank = jnp.asarray(bank, jnp.float32)
@@ -351,7 +360,7 @@ def nearest_neighbors(
     query_chunk, bank_chunk = knn_chunk_sizes(
         queries.shape[0], bank.shape[0], k, memory_budget_bytes
     )
-    return _chunked_knn(queries, bank, k, query_chunk, bank_chunk)
+    return _chunked_knn(queries, bank, k, query_chunk, bank_chunk, squared)
 
 
 def _support_with_self_first(

@@ -5,7 +5,8 @@ features (`models/reconpatch.py`, spec reconpatch.md section 1.3). PatchCore
 keeps an approximate greedy coreset of the training patches as its memory bank;
 ReConPatch first trains a linear modulation f of the features
 (`methods/reconpatch.py`) and keeps a coreset of f(p). A test patch's score is
-its Euclidean distance to the nearest bank entry; the image score is the max
+its Euclidean distance to the nearest bank entry (or the squared distance, as
+PatchCore's reference code computes it); the image score is the max
 patch score (optionally reweighted, Eq. 10); the map is the patch-score grid
 upsampled bilinearly (align_corners=False) to the crop size and blurred with a
 Gaussian of sigma 4.
@@ -57,6 +58,7 @@ class FeatureSettings:
     reweight_neighbors: int = 1
     reweight_per_patch: bool = False
     knn_memory_mb: int = 256
+    squared_distance: bool = False
 
 
 def feature_settings(config: ml_collections.ConfigDict, arch: str) -> FeatureSettings:
@@ -68,7 +70,16 @@ def feature_settings(config: ml_collections.ConfigDict, arch: str) -> FeatureSet
         reweight_neighbors=int(pc.reweight_neighbors),
         reweight_per_patch=bool(pc.reweight_per_patch),
         knn_memory_mb=int(pc.knn_memory_mb),
+        squared_distance=distance_is_squared(pc.distance),
     )
+
+
+def distance_is_squared(distance: str) -> bool:
+    """`patchcore.distance`: 'euclidean' or 'squared' (faiss IndexFlatL2's)."""
+    input_pipeline.check_choice(
+        "patchcore.distance", distance, ("euclidean", "squared")
+    )
+    return distance == "squared"
 
 
 def ensemble_archs(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -107,8 +118,9 @@ def score_features(model, features, settings: FeatureSettings, crop: int, sigma)
 
     def score_image(image_features):
         dist, idx = memory_bank.nearest_neighbors(
-            image_features, bank, k=1, memory_budget_bytes=budget
-        )
+            image_features, bank, k=1, memory_budget_bytes=budget,
+            squared=settings.squared_distance,
+        )  # fmt: skip
         score = memory_bank.reweighted_image_score(
             dist[:, 0], idx[:, 0], bank, image_features,
             b=settings.reweight_neighbors, per_patch=settings.reweight_per_patch,
@@ -192,7 +204,11 @@ _jit_represent = jax.jit(reconpatch.represent)
 
 
 def encoder_variables(config: ml_collections.ConfigDict, arch: str, key) -> dict:
-    """The frozen encoder: pretrained when configured, else randomly initialised."""
+    """The frozen encoder: pretrained when configured, else randomly initialised.
+
+    With `patchcore.bn_stats_forward`, its BatchNorm statistics are then moved
+    as `PatchCore.load()` moves them (`bn_statistics_forward`).
+    """
     crop = config.data.crop_size
     dummy = jnp.zeros((1, crop, crop, 3), jnp.float32)
     variables = backbones.make_encoder(arch).init(key, dummy, train=False)
@@ -200,7 +216,27 @@ def encoder_variables(config: ml_collections.ConfigDict, arch: str, key) -> dict
         variables = pretrained.load_encoder_variables(
             arch, config.model.pretrained, variables
         )
-    return jax.tree_util.tree_map(jnp.asarray, variables)
+    variables = jax.tree_util.tree_map(jnp.asarray, variables)
+    if config.patchcore.bn_stats_forward:
+        variables = bn_statistics_forward(arch, variables, crop)
+    return variables
+
+
+def bn_statistics_forward(arch: str, variables: dict, crop: int) -> dict:
+    """`variables` after one train-mode forward of a raw all-ones image.
+
+    PatchCore's reference measures its feature shapes by running
+    `torch.ones([1, 3, crop, crop])` (not normalised) through the backbone
+    before anything sets eval mode, so every BatchNorm up to the last hooked
+    layer updates its running mean and (unbiased) variance once with momentum
+    0.1 (spec reconpatch.md section 1.2); all its features come from the
+    changed statistics. The encoders here stop at that layer too.
+    """
+    ones = jnp.ones((1, crop, crop, 3), jnp.float32)
+    _, updates = backbones.make_encoder(arch).apply(
+        variables, ones, train=True, mutable=["batch_stats"]
+    )
+    return {**variables, "batch_stats": updates["batch_stats"]}
 
 
 def extract_pool(encoder, samples, config, settings: FeatureSettings) -> np.ndarray:
@@ -208,8 +244,7 @@ def extract_pool(encoder, samples, config, settings: FeatureSettings) -> np.ndar
     dataset = input_pipeline.eval_dataset(
         samples,
         batch_size=config.eval.batch_size,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
+        **input_pipeline.eval_transform(config.data),
     )
     parts = [
         np.asarray(_jit_features(encoder, jnp.asarray(b["image"]), settings))[b["valid"]]

@@ -80,8 +80,7 @@ def frozen_feature_cache(config, state: TrainState, samples, mesh) -> list[jax.A
     dataset = input_pipeline.eval_dataset(
         samples,
         batch_size=config.eval.batch_size,
-        image_size=config.data.image_size,
-        crop_size=config.data.crop_size,
+        **input_pipeline.eval_transform(config.data),
     )
     levels: list[list[np.ndarray]] = [[], [], []]
     # One copy on this process's default device, not a host copy sent per batch.
@@ -134,6 +133,7 @@ def training_dataset(config: ml_collections.ConfigDict, samples, start_batch: in
         batch_size=config.train.batch_size // processes,
         image_size=config.data.image_size,
         crop_size=config.data.crop_size,
+        resize=config.data.resize,
         seed=config.seed,
         batch_multiple=jax.local_device_count(),
         # Hosts must agree on every global batch shape, so several processes
