@@ -50,6 +50,9 @@ def get_config() -> ml_collections.ConfigDict:
     # The paper configs set 0 (the paper trains on all of them); thresholds then
     # come from the training images themselves and say so.
     config.data.holdout_fraction = 0.1
+    # One model for all categories (the multi-class / unified protocol): trained
+    # on their training images together, evaluated per category.
+    config.data.multiclass = False
 
     config.model = ml_collections.ConfigDict()
     config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
@@ -62,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.dtype = "float32"
     config.model.encoder_bn_train = True  # E's BatchNorm in train mode...
     config.model.encoder_bn_eval_categories = ()  # ...except for these categories
+    # Decoder activation: 'relu', or 'gelu' (exact erf; the multi-class scripts).
+    config.model.decoder_activation = "relu"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr_decoder = 2e-3  # bottleneck + decoder (AdamW group 1)
@@ -70,6 +75,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.optimizer.beta1 = 0.9
     config.optimizer.beta2 = 0.999
     config.optimizer.eps = 1e-8
+    config.optimizer.amsgrad = False  # PyTorch's AMSGrad (multi-class scripts)
+    # MultiStepLR: both groups' rates times lr_gamma at each of these updates.
+    config.optimizer.lr_milestones = ()
+    config.optimizer.lr_gamma = 0.2
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 2000  # T, iterations per category
@@ -91,6 +100,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval.score_rule = "max"  # image score: 'max' or 'mean' of the map
     config.eval.max_ratio = 0.0  # >0: mean of the top ratio*H*W pixels
     config.eval.pixel_metrics = True  # pixel AUROC/AUPRO need ground-truth masks
+    # ReContrast's map: 'sum' of the six cosine maps, scipy Gaussian (spec 4.1);
+    # 'mean_conv5': their mean and a 5x5 zero-padded Gaussian conv (spec 4.3).
+    config.eval.map_rule = "sum"
 
     # PatchCore (config.method = 'patchcore'); spec reconpatch.md section 1.
     config.patchcore = ml_collections.ConfigDict()
@@ -213,6 +225,38 @@ def use_patchcore_reference_pipeline(config: ml_collections.ConfigDict) -> None:
     config.data.resize = "shorter_side"
     config.data.mask_rule = "exactly_one"
     config.patchcore.bn_stats_forward = True
+
+
+def use_multiclass_protocol(
+    config: ml_collections.ConfigDict, steps: int = 5000
+) -> ml_collections.ConfigDict:
+    """The multi-class scripts' training and evaluation (spec sections 3.3, 4.3).
+
+    One model on every category's images (seed 1, `drop_last`), GELU decoder,
+    encoder BatchNorm in eval mode, AdamW eps 1e-10 with PyTorch's AMSGrad and
+    MultiStepLR x0.2 at 0.8 T, evaluated every 1000 iterations on the mean of
+    the six maps blurred by the 5x5 conv, image score = mean of the top 1%.
+    """
+    config.data.multiclass = True
+    config.seed = 1
+    config.model.decoder_activation = "gelu"
+    config.model.encoder_bn_train = False
+    config.model.encoder_bn_eval_categories = ()
+    config.optimizer.eps = 1e-10
+    config.optimizer.amsgrad = True
+    config.optimizer.lr_milestones = (int(0.8 * steps),)
+    config.optimizer.lr_gamma = 0.2
+    config.train.steps = steps
+    config.train.batch_size = 16
+    config.train.drop_last = True
+    config.train.alpha_warmup_fraction = 0.1
+    config.eval.every = 1000
+    config.eval.batch_size = 16
+    config.eval.map_rule = "mean_conv5"
+    config.eval.score_rule = "max"
+    config.eval.max_ratio = 0.01
+    config.checkpoint.every = 1000
+    return config
 
 
 def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:

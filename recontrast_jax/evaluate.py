@@ -94,5 +94,7 @@ def score_split(
 def compute_metrics(result: SplitResult, has_masks: bool) -> dict[str, float]:
     """Segmentation metrics when pixel masks exist, else image-level metrics."""
     if has_masks:
-        return metrics.segmentation_metrics(result.masks, result.maps, result.scores)
+        return metrics.segmentation_metrics(
+            result.masks, result.maps, result.scores, result.labels
+        )
     return metrics.classification_metrics(result.labels, result.scores)

@@ -36,7 +36,7 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from recontrast_jax import parallel, reports, thresholds
+from recontrast_jax import parallel, reports, run, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup
 
@@ -332,7 +332,8 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
     mesh = parallel.make_mesh()
     directories = []
     for category in sources.category_names(config):
-        model = method.restore(config, workdir, category, mesh)
+        name = run.model_name(config, category)
+        model = method.restore(config, workdir, name, mesh)
         extra = {"category": category, "step": method.model_step(model)}
         try:
             extra["thresholds"] = thresholds.choose(

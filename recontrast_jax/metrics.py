@@ -580,17 +580,21 @@ def aupro_recontrast_per_image(
 # --------------------------------------------------------------------------------
 
 
-def segmentation_metrics(masks, maps, image_scores) -> dict[str, float]:
+def segmentation_metrics(
+    masks, maps, image_scores, image_labels=None
+) -> dict[str, float]:
     """All metrics of the segmentation protocol (MVTec AD, VisA).
 
     Image labels are the maximum of each GT mask (as in ReContrast's
-    ``evaluation``), pixel metrics use every pixel of every image (good images
+    ``evaluation``) unless given, pixel metrics use every pixel of every image (good images
     included).  The pixel ROC/PR curve is computed once and shared.
 
     Args:
       masks: (N, H, W) bool/int ground truth, nonzero = anomalous.
       maps: (N, H, W) anomaly maps.
       image_scores: (N,) image anomaly scores.
+      image_labels: (N,) labels to use instead (PatchCore's come from the
+        folders, and its eroded masks can lose a small defect entirely).
 
     Returns:
       Python floats under 'image_auroc', 'pixel_auroc', 'image_ap', 'pixel_ap',
@@ -606,7 +610,10 @@ def segmentation_metrics(masks, maps, image_scores) -> dict[str, float]:
         raise ValueError(
             f"image_scores must have one score per image: got {image_scores.size} for {bool_masks.shape[0]} images."
         )
-    image_labels = bool_masks.reshape(bool_masks.shape[0], -1).any(axis=1)
+    if image_labels is None:
+        image_labels = bool_masks.reshape(bool_masks.shape[0], -1).any(axis=1)
+    image_labels = _as_binary_labels(image_labels, "image_labels").ravel()
+    _check_same_size(image_labels, image_scores)
 
     image_curve = _binary_clf_curve(image_labels, image_scores)
     image_pr = _pr_from_counts(*image_curve)

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, parallel, reports, thresholds
+from recontrast_jax import evaluate, parallel, reports, run, thresholds
 from recontrast_jax.data import folder, sources
 from recontrast_jax.methods import lookup
 
@@ -65,7 +65,7 @@ def score_samples(config, workdir: str, category: str, samples) -> evaluate.Spli
     """Scores `samples` with the category's saved model (any method)."""
     mesh = parallel.make_mesh()
     method = lookup.get(config.method)
-    model = method.restore(config, workdir, category, mesh)
+    model = method.restore(config, workdir, run.model_name(config, category), mesh)
     predict_fn = method.compile_predict(config, mesh)
     return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)
 

@@ -5,6 +5,10 @@ thresholds), fit the method's model (or restore it), score the held-out
 normals and the test split, calibrate the thresholds, compute the metrics,
 write the reports and `metrics.json`. The method is a module of `methods/`
 with the same small surface; nothing here knows which one it is.
+
+With `data.multiclass` (the unified protocol, spec recontrast.md 3.3) one
+model is first fitted on the training images of every category together,
+under the name `multiclass`, and each category is then evaluated with it.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from recontrast_jax import evaluate, parallel, reports, thresholds
 from recontrast_jax.data import sources
@@ -43,19 +48,78 @@ def test_names(files) -> list[str]:
     return [f"{s.defect_type}/{os.path.basename(s.path)}" for s in files.test]
 
 
+MULTICLASS = "multiclass"  # the name of the model every category shares
+
+
+def model_name(config: ml_collections.ConfigDict, category: str) -> str:
+    """The checkpoint name of `category`'s model."""
+    return MULTICLASS if config.data.multiclass else category
+
+
+def split_train(config: ml_collections.ConfigDict, files):
+    """(training samples, held-out normals) of one category."""
+    return thresholds.holdout_split(
+        files.train, config.data.holdout_fraction, config.seed
+    )
+
+
+def fit_shared_model(config: ml_collections.ConfigDict, workdir: str, names, mesh):
+    """One model fitted on the training images of every category in `names`.
+
+    Evaluations during training report the mean of the per-category metrics.
+
+    Returns:
+      (model, what fitting reported, seconds).
+    """
+    method = lookup.get(config.method)
+    files = {name: sources.category_files(config, name) for name in names}
+    train = [s for f in files.values() for s in split_train(config, f)[0]]
+    predict_fn = method.compile_predict(config, mesh)
+
+    def mean_test_metrics(model):
+        per_category = [
+            evaluate.compute_metrics(
+                evaluate.evaluate_split(predict_fn, model, f.test, config, mesh),
+                config.eval.pixel_metrics,
+            )
+            for f in files.values()
+        ]
+        return {k: float(np.mean([m[k] for m in per_category]))
+                for k in per_category[0]}  # fmt: skip
+
+    writer = reports.MetricWriter(os.path.join(workdir, "tensorboard", MULTICLASS))
+    start = time.perf_counter()
+    model, info = method.fit(
+        config, workdir, MULTICLASS, train, mesh, writer, mean_test_metrics
+    )
+    writer.close()
+    return (
+        model,
+        {**info, "train_images": float(len(train))},
+        time.perf_counter() - start,
+    )
+
+
 def run_category(
-    config: ml_collections.ConfigDict, workdir: str, category: str, mesh, fit: bool
+    config: ml_collections.ConfigDict,
+    workdir: str,
+    category: str,
+    mesh,
+    fit: bool,
+    shared=None,
 ) -> dict[str, float]:
     """Fits (`fit`) or restores `category`'s model, evaluates it, writes its reports.
+
+    Args:
+      shared: `fit_shared_model`'s result for a multi-class run: the category
+        is evaluated with that model instead of fitting its own.
 
     Returns:
       The test metrics, what fitting reported, and timings.
     """
     method = lookup.get(config.method)
     files = sources.category_files(config, category)
-    train_samples, held_out = thresholds.holdout_split(
-        files.train, config.data.holdout_fraction, config.seed
-    )
+    train_samples, held_out = split_train(config, files)
     writer = reports.MetricWriter(os.path.join(workdir, "tensorboard", category))
     predict_fn = method.compile_predict(config, mesh)
 
@@ -68,13 +132,17 @@ def run_category(
         )
 
     start = time.perf_counter()
-    if fit:
+    if shared is not None:
+        model, info, fit_seconds = shared[0], dict(shared[1]), shared[2]
+    elif fit:
         model, info = method.fit(
             config, workdir, category, train_samples, mesh, writer, test_metrics
         )
     else:
-        model, info = method.restore(config, workdir, category, mesh), {}
-    fit_seconds = time.perf_counter() - start
+        name = model_name(config, category)
+        model, info = method.restore(config, workdir, name, mesh), {}
+    if shared is None:
+        fit_seconds = time.perf_counter() - start
     # The normal images first: they compile predict_fn, so the test split's
     # time below is inference alone (input pipeline included).
     normal = score(model, held_out or train_samples)
@@ -125,9 +193,13 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
             os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
         )
     mesh = parallel.make_mesh()
+    names = sources.category_names(config)
+    shared = None
+    if config.data.multiclass and fit:
+        shared = fit_shared_model(config, workdir, names, mesh)
     results = {}
-    for category in sources.category_names(config):
-        results[category] = run_category(config, workdir, category, mesh, fit)
+    for category in names:
+        results[category] = run_category(config, workdir, category, mesh, fit, shared)
         if jax.process_index() == 0:
             reports.write_results(workdir, results, config.report.title)
     return reports.summarize(results)

@@ -22,6 +22,7 @@ import optax
 
 from recontrast_jax import anomaly_maps, losses, parallel
 from recontrast_jax import pretrained as pretrained_lib
+from recontrast_jax.methods import torch_adamw
 from recontrast_jax.models import layers
 from recontrast_jax.models import recontrast as recontrast_model
 
@@ -58,16 +59,19 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
 
     Decoder + bottleneck at `lr_decoder`, encoder at `lr_encoder`; decoupled
     weight decay on every parameter (BatchNorm affine and biases included); no
-    schedule, no clipping. optax.adamw matches torch.optim.AdamW here.
+    clipping. The single-class scripts have no schedule; the multi-class ones
+    use PyTorch's AMSGrad (`amsgrad`) and a MultiStepLR (`lr_milestones`,
+    `lr_gamma`), which act on each group alike.
     """
 
     def adamw(lr):
-        return optax.adamw(
-            lr,
+        return torch_adamw.adamw(
+            torch_adamw.multistep_lr(lr, tuple(config.lr_milestones), config.lr_gamma),
             b1=config.beta1,
             b2=config.beta2,
             eps=config.eps,
             weight_decay=config.weight_decay,
+            amsgrad=config.amsgrad,
         )
 
     return optax.partition(
@@ -125,6 +129,7 @@ def train_step(
     encoder_train: bool,
     frozen_features: list[jax.Array] | None = None,
     dtype: str = "float32",
+    decoder_activation: str = "relu",
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One ReContrast update (pure; jit it with the static keyword arguments bound).
 
@@ -135,6 +140,7 @@ def train_step(
         `frozen_feature_cache`); computed here when None.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters, BatchNorm
         statistics, loss and updates stay float32).
+      decoder_activation: 'relu', or 'gelu' (multi-class protocol).
       arch: encoder architecture.
       tx: the optimiser.
       total_steps: T, for the alpha warm-up.
@@ -153,7 +159,7 @@ def train_step(
             arch, state.frozen, images
         )
     frozen_features = [f.astype(compute) for f in frozen_features]
-    model = recontrast_model.ReContrast(arch)
+    model = recontrast_model.ReContrast(arch, decoder_activation)
 
     def loss_fn(params):
         (targets, recons), updated = model.apply(
@@ -208,6 +214,7 @@ def compile_train_step(
         mining_factor=config.train.mining_factor,
         encoder_train=encoder_train,
         dtype=config.model.dtype,
+        decoder_activation=config.model.decoder_activation,
     )
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     if cached_features:
@@ -261,12 +268,15 @@ def predict(
     score_rule: str,
     max_ratio: float,
     dtype: str = "float32",
+    decoder_activation: str = "relu",
+    map_rule: str = "sum",
 ) -> tuple[jax.Array, jax.Array]:
     """Anomaly maps (B, H, W) and image scores (B,) for normalised images.
 
     Both reconstruction directions are used: the map is the sum of the six
-    cosine-distance maps, upsampled with align_corners and Gaussian-blurred.
-    The networks run in `dtype`; the maps are computed in float32.
+    cosine-distance maps, upsampled with align_corners and Gaussian-blurred
+    (`map_rule` 'mean_conv5': their mean, blurred by the multi-class scripts'
+    5x5 kernel). The networks run in `dtype`; the maps are computed in float32.
     """
     compute = layers.compute_dtype(dtype)
     cast = functools.partial(layers.cast_floating, dtype=compute)
@@ -275,11 +285,11 @@ def predict(
     frozen_features = recontrast_model.frozen_encoder_features(
         arch, state.frozen, images_c
     )
-    targets, recons = recontrast_model.ReContrast(arch).apply(
+    targets, recons = recontrast_model.ReContrast(arch, decoder_activation).apply(
         variables, images_c, frozen_features, train=False, encoder_train=False
     )
     targets, recons = ([x.astype(jnp.float32) for x in m] for m in (targets, recons))
-    maps = anomaly_maps.anomaly_map(targets, recons, images.shape[1:3], sigma)
+    maps = anomaly_maps.anomaly_map(targets, recons, images.shape[1:3], sigma, map_rule)
     return maps, anomaly_maps.image_scores(maps, score_rule, max_ratio)
 
 
@@ -292,6 +302,8 @@ def configured_predict(config: ml_collections.ConfigDict):
         score_rule=config.eval.score_rule,
         max_ratio=float(config.eval.max_ratio),
         dtype=config.model.dtype,
+        decoder_activation=config.model.decoder_activation,
+        map_rule=config.eval.map_rule,
     )
 
 

@@ -8,6 +8,8 @@ per reconstruction direction). Names mirror the PyTorch modules.
 
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -55,12 +57,30 @@ def shortcut(x: jax.Array, out_channels: int, upsample: bool, train: bool):
     return BatchNorm(name="upsample_1")(y, train)
 
 
+# The multi-class scripts swap every decoder nn.ReLU for nn.GELU() (exact erf).
+ACTIVATIONS = {
+    "relu": nn.relu,
+    "gelu": functools.partial(nn.gelu, approximate=False),
+}
+
+
+def activation_fn(name: str):
+    """The decoder activation `name` ('relu' or 'gelu')."""
+    if name not in ACTIVATIONS:
+        raise ValueError(
+            f"model.decoder_activation must be one of {', '.join(ACTIVATIONS)}; "
+            f"got {name!r}"
+        )
+    return ACTIVATIONS[name]
+
+
 class DeBasicBlock(nn.Module):
     """Decoder BasicBlock: conv1 is a 2x2/s2 transposed conv when upsampling."""
 
     planes: int
     stride: int = 1
     upsample: bool = False
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -68,9 +88,10 @@ class DeBasicBlock(nn.Module):
             out = transposed_conv2x2(self.planes, name="conv1")(x)
         else:
             out = conv(self.planes, 3, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1")(out, train))
+        act = activation_fn(self.activation)
+        out = act(BatchNorm(name="bn1")(out, train))
         out = BatchNorm(name="bn2")(conv(self.planes, 3, name="conv2")(out), train)
-        return nn.relu(out + shortcut(x, self.planes, self.upsample, train))
+        return act(out + shortcut(x, self.planes, self.upsample, train))
 
 
 class DeBottleneck(nn.Module):
@@ -80,32 +101,40 @@ class DeBottleneck(nn.Module):
     stride: int = 1
     upsample: bool = False
     width_per_group: int = 64
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        act = activation_fn(self.activation)
         width = int(self.planes * (self.width_per_group / 64.0))
-        out = nn.relu(BatchNorm(name="bn1")(conv(width, 1, name="conv1")(x), train))
+        out = act(BatchNorm(name="bn1")(conv(width, 1, name="conv1")(x), train))
         if self.stride == 2:
             out = transposed_conv2x2(width, name="conv2")(out)
         else:
             out = conv(width, 3, name="conv2")(out)
-        out = nn.relu(BatchNorm(name="bn2")(out, train))
+        out = act(BatchNorm(name="bn2")(out, train))
         out = BatchNorm(name="bn3")(conv(self.planes * 4, 1, name="conv3")(out), train)
-        return nn.relu(out + shortcut(x, self.planes * 4, self.upsample, train))
+        return act(out + shortcut(x, self.planes * 4, self.upsample, train))
 
 
 def run_decoder_stage(
-    spec: ArchSpec, x: jax.Array, prefix: str, planes: int, blocks: int, train: bool
+    spec: ArchSpec,
+    x: jax.Array,
+    prefix: str,
+    planes: int,
+    blocks: int,
+    train: bool,
+    activation: str = "relu",
 ) -> jax.Array:
     """Decoder `_make_layer` with stride 2: only block 0 upsamples."""
     for i in range(blocks):
         stride, upsample = (2, True) if i == 0 else (1, False)
         name = f"{prefix}_{i}"
         if spec.block == "basic":
-            block = DeBasicBlock(planes, stride, upsample, name=name)
+            block = DeBasicBlock(planes, stride, upsample, activation, name=name)
         else:
             block = DeBottleneck(
-                planes, stride, upsample, spec.width_per_group, name=name
+                planes, stride, upsample, spec.width_per_group, activation, name=name
             )
         x = block(x, train)
     return x
@@ -116,20 +145,24 @@ class Decoder(nn.Module):
 
     Returns six maps: `[out1_0(f1), out2_0(f2), out3_0(f3), out1_1(f1),
     out2_1(f2), out3_1(f3)]`, where f1 is the largest (layer1-sized) map.
+
+    Attributes:
+      arch: encoder architecture it mirrors.
+      activation: 'relu', or 'gelu' (exact erf) as in the multi-class scripts.
     """
 
     arch: str
+    activation: str = "relu"
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
         spec = get_arch(self.arch)
-        f3 = run_decoder_stage(spec, x, "layer1", spec.planes[2], spec.layers[0], train)
-        f2 = run_decoder_stage(
-            spec, f3, "layer2", spec.planes[1], spec.layers[1], train
+        stage = functools.partial(
+            run_decoder_stage, spec, train=train, activation=self.activation
         )
-        f1 = run_decoder_stage(
-            spec, f2, "layer3", spec.planes[0], spec.layers[2], train
-        )
+        f3 = stage(x, "layer1", spec.planes[2], spec.layers[0])
+        f2 = stage(f3, "layer2", spec.planes[1], spec.layers[1])
+        f1 = stage(f2, "layer3", spec.planes[0], spec.layers[2])
         outputs = []
         for head_set in range(2):
             for level, feature in enumerate((f1, f2, f3), start=1):

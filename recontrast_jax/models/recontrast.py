@@ -29,14 +29,16 @@ class ReContrast(nn.Module):
 
     Attributes:
       arch: encoder architecture, a key of `resnet.ARCHS`.
+      decoder_activation: 'relu', or 'gelu' for the multi-class protocol.
     """
 
     arch: str
+    decoder_activation: str = "relu"
 
     def setup(self):
         self.encoder = ResNetEncoder(self.arch)
         self.bottleneck = FusionBottleneck(self.arch)
-        self.decoder = Decoder(self.arch)
+        self.decoder = Decoder(self.arch, self.decoder_activation)
 
     def __call__(
         self,
