@@ -259,6 +259,30 @@ def use_multiclass_protocol(
     return config
 
 
+def btad_config(product: str) -> ml_collections.ConfigDict:
+    """The base of the BTAD configs: `product` is '01', '02', '03' or 'all'.
+
+    A folder of BTAD's products (`--config.data.source=tfds` uses the `btad`
+    builder), the V1 ImageNet weights, every normal image used for training,
+    and PatchCore's reference data and feature rules.
+    """
+    if product != "all" and product not in categories.BTAD_PRODUCTS:
+        raise ValueError(
+            f"Unknown BTAD product {product!r}; use one of "
+            f"{categories.BTAD_PRODUCTS} or 'all'."
+        )
+    config = get_config()
+    config.data.source = "folder"
+    config.data.tfds_name = "btad"
+    config.data.categories = (
+        categories.BTAD_PRODUCTS if product == "all" else (product,)
+    )
+    config.data.holdout_fraction = 0.0
+    config.model.pretrained = "imagenet"
+    use_patchcore_reference_pipeline(config)
+    return config
+
+
 def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:
     """PatchCore/ReConPatch quickstart base: embedded data, random-init tiny encoder."""
     config = get_config()

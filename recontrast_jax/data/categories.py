@@ -10,3 +10,10 @@ VISA_OBJECTS = (
     "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1",
     "macaroni2", "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
 )  # fmt: skip
+
+CIFAR10_CLASSES = (
+    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+    "ship", "truck",
+)  # fmt: skip
+
+BTAD_PRODUCTS = ("01", "02", "03")

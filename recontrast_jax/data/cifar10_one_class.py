@@ -24,20 +24,9 @@ from collections.abc import Iterator
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from recontrast_jax.data import tfds_common
+from recontrast_jax.data import categories, tfds_common
 
-CLASS_NAMES = (
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-)
+CLASS_NAMES = categories.CIFAR10_CLASSES
 SPLITS = ("train", "test")
 
 

@@ -25,6 +25,9 @@ from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 GOOD = "good"
+# Folders of normal images: MVTec's and VisA's `good`, BTAD's `ok` (its
+# anomalies are `ko`, with masks in `ground_truth/ko`).
+NORMAL_FOLDERS = (GOOD, "ok")
 _MASK_SUFFIXES = ("_mask.png", ".png")
 
 
@@ -40,7 +43,8 @@ class Sample:
       path: Image file path.
       mask_path: Ground-truth mask path, or None for good images.
       label: 0 for good images, 1 for defective ones.
-      defect_type: Name of the folder under ``test/`` ("good" for normal images).
+      defect_type: Name of the folder under ``test/`` ("good" or "ok" for
+        normal images).
       image_bytes: The encoded image itself, for sources that are not files
         (TFDS); ``path`` then only names it.
       mask_bytes: The encoded mask, likewise (None: no mask, or ``mask_path``).
@@ -65,8 +69,9 @@ class CategoryFiles:
     Attributes:
       root: Dataset root folder.
       category: Category name (sub-folder of ``root``).
-      train: Training samples (``train/good``), sorted by file name.
-      test: Test samples: ``test/good`` first, then every defect type in sorted
+      train: Training samples (``train/good``, BTAD's ``train/ok``), sorted by
+        file name.
+      test: Test samples: the normal folder first, then every defect type in sorted
         order, each sorted by file name.
     """
 
@@ -88,7 +93,8 @@ def list_categories(root: str | os.PathLike) -> list[str]:
       root: Folder holding one sub-folder per category.
 
     Returns:
-      Sorted names of the sub-folders that contain ``train/good``.
+      Sorted names of the sub-folders that contain ``train/good`` (or BTAD's
+      ``train/ok``).
 
     Raises:
       DatasetError: If ``root`` is missing or holds no category.
@@ -98,12 +104,12 @@ def list_categories(root: str | os.PathLike) -> list[str]:
     categories = sorted(
         name
         for name in os.listdir(root)
-        if os.path.isdir(os.path.join(root, name, "train", GOOD))
+        if _normal_folder(os.path.join(root, name, "train")) is not None
     )
     if not categories:
         raise DatasetError(
             f"no category found in {root}: expected sub-folders with train/good "
-            "(MVTec layout <root>/<category>/train/good/*.png)"
+            "(MVTec layout <root>/<category>/train/good/*.png; BTAD: train/ok)"
         )
     return categories
 
@@ -126,28 +132,38 @@ def scan_category(root: str | os.PathLike, category: str) -> CategoryFiles:
     _require_dir(root, "dataset root")
     category_dir = os.path.join(root, category)
     _require_dir(category_dir, f"category folder of {category!r}")
-    train_dir = os.path.join(category_dir, "train", GOOD)
+    normal = _normal_folder(os.path.join(category_dir, "train")) or GOOD
+    train_dir = os.path.join(category_dir, "train", normal)
     _require_dir(train_dir, "training folder")
     train_paths = _list_images(train_dir)
     if not train_paths:
         raise DatasetError(f"no training images in {train_dir}")
-    train = tuple(Sample(p, None, 0, GOOD) for p in train_paths)
+    train = tuple(Sample(p, None, 0, normal) for p in train_paths)
     return CategoryFiles(root, category, train, _scan_test(category_dir))
 
 
+def _normal_folder(parent: str) -> str | None:
+    """The first of `NORMAL_FOLDERS` that is a folder inside `parent`."""
+    for name in NORMAL_FOLDERS:
+        if os.path.isdir(os.path.join(parent, name)):
+            return name
+    return None
+
+
 def _scan_test(category_dir: str) -> tuple[Sample, ...]:
-    """Lists ``test/good`` then every ``test/<defect>`` with its masks."""
+    """Lists the normal test folder then every ``test/<defect>`` with its masks."""
     test_dir = os.path.join(category_dir, "test")
     _require_dir(test_dir, "test folder")
+    normal = _normal_folder(test_dir)
     defect_types = sorted(
         name
         for name in os.listdir(test_dir)
-        if name != GOOD and os.path.isdir(os.path.join(test_dir, name))
+        if name != normal and os.path.isdir(os.path.join(test_dir, name))
     )
     samples = []
-    good_dir = os.path.join(test_dir, GOOD)
-    if os.path.isdir(good_dir):
-        samples += [Sample(p, None, 0, GOOD) for p in _list_images(good_dir)]
+    if normal is not None:
+        normal_dir = os.path.join(test_dir, normal)
+        samples += [Sample(p, None, 0, normal) for p in _list_images(normal_dir)]
     for defect in defect_types:
         gt_dir = os.path.join(category_dir, "ground_truth", defect)
         for path in _list_images(os.path.join(test_dir, defect)):

@@ -103,10 +103,10 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
     def _generate_examples(self, samples, category_dir: epath.Path):
         for sample in samples:
             file_name = epath.Path(sample.path).relative_to(category_dir).as_posix()
-            yield file_name, _example(sample, file_name)
+            yield file_name, example_from_sample(sample, file_name)
 
 
-def _example(sample: folder.Sample, file_name: str) -> dict:
+def example_from_sample(sample: folder.Sample, file_name: str) -> dict:
     """Builds one example; image and mask files are passed as paths, not decoded."""
     if sample.mask_path is None:
         mask = tfds_common.zero_mask(tfds_common.image_size(sample.path))

@@ -5,7 +5,7 @@ Sources (`config.data.source`):
   - 'folder': any MVTec-layout folder (`folder.scan_category`);
   - 'medical_folder': a `train/NORMAL`, `test/<CLASS>` folder (APTOS, ISIC2018,
     OCT2017 as the ReContrast preparation scripts write them);
-  - 'tfds': a TFDS builder of this package (`mvtec_ad`, `visa`, `aptos2019`,
+  - 'tfds': a TFDS builder of this package (`mvtec_ad`, `visa`, `btad`, `aptos2019`,
     `oct2017`, `isic2018`, `cifar10_one_class`), prepared on first use from
     `config.data.tfds_manual_dir`. Its encoded images are kept in memory and
     decoded by the same PIL code as files, so every source is preprocessed alike.
@@ -26,6 +26,7 @@ SOURCES = ("embedded", "folder", "medical_folder", "tfds")
 TFDS_MODULES = {
     "mvtec_ad": "recontrast_jax.data.mvtec_ad",
     "visa": "recontrast_jax.data.visa",
+    "btad": "recontrast_jax.data.btad",
     "aptos2019": "recontrast_jax.data.aptos",
     "oct2017": "recontrast_jax.data.oct2017",
     "isic2018": "recontrast_jax.data.isic2018",
