@@ -67,6 +67,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.encoder_bn_eval_categories = ()  # ...except for these categories
     # Decoder activation: 'relu', or 'gelu' (exact erf; the multi-class scripts).
     config.model.decoder_activation = "relu"
+    # PartialNorm in the trainable encoder (the stable scripts): > 0 is the
+    # variance threshold (5e-4); 0 keeps BatchNorm.
+    config.model.partial_norm_threshold = 0.0
+    config.model.encoder_bn_epsilon = 1e-5  # E's BatchNorm eps (stable: 1e-6)
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.lr_decoder = 2e-3  # bottleneck + decoder (AdamW group 1)
@@ -79,6 +83,10 @@ def get_config() -> ml_collections.ConfigDict:
     # MultiStepLR: both groups' rates times lr_gamma at each of these updates.
     config.optimizer.lr_milestones = ()
     config.optimizer.lr_gamma = 0.2
+    # Stable scripts: the bottleneck + decoder group's state restarts every N
+    # updates (0: never), and the encoder group then pauses for M updates.
+    config.optimizer.reset_decoder_every = 0
+    config.optimizer.encoder_pause_after_reset = 0
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 2000  # T, iterations per category
@@ -227,6 +235,38 @@ def use_patchcore_reference_pipeline(config: ml_collections.ConfigDict) -> None:
     config.patchcore.bn_stats_forward = True
 
 
+def use_stable_protocol(
+    config: ml_collections.ConfigDict,
+    steps: int,
+    encoder_pause: int,
+    max_ratio: float,
+) -> ml_collections.ConfigDict:
+    """The stable scripts' training and evaluation (spec section 3.4).
+
+    PartialNorm (threshold 5e-4, eps 1e-6) in the trainable encoder, always in
+    train mode; AdamW eps 1e-10 whose bottleneck + decoder state restarts every
+    500 updates, the encoder paused `encoder_pause` updates after each restart;
+    alpha warm-up over 0.2 T, `drop_last`, an evaluation every 500 updates
+    scored with `max_ratio` (0: the max).
+    """
+    config.model.partial_norm_threshold = 5e-4
+    config.model.encoder_bn_epsilon = 1e-6
+    config.model.encoder_bn_train = True
+    config.model.encoder_bn_eval_categories = ()
+    config.optimizer.eps = 1e-10
+    config.optimizer.reset_decoder_every = 500
+    config.optimizer.encoder_pause_after_reset = encoder_pause
+    config.train.steps = steps
+    config.train.batch_size = 16
+    config.train.drop_last = True
+    config.train.alpha_warmup_fraction = 0.2
+    config.eval.every = 500
+    config.eval.score_rule = "max"
+    config.eval.max_ratio = max_ratio
+    config.checkpoint.every = 500
+    return config
+
+
 def use_multiclass_protocol(
     config: ml_collections.ConfigDict, steps: int = 5000
 ) -> ml_collections.ConfigDict:
@@ -246,6 +286,10 @@ def use_multiclass_protocol(
     config.optimizer.amsgrad = True
     config.optimizer.lr_milestones = (int(0.8 * steps),)
     config.optimizer.lr_gamma = 0.2
+    # Stable scripts: the bottleneck + decoder group's state restarts every N
+    # updates (0: never), and the encoder group then pauses for M updates.
+    config.optimizer.reset_decoder_every = 0
+    config.optimizer.encoder_pause_after_reset = 0
     config.train.steps = steps
     config.train.batch_size = 16
     config.train.drop_last = True

@@ -61,7 +61,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
     weight decay on every parameter (BatchNorm affine and biases included); no
     clipping. The single-class scripts have no schedule; the multi-class ones
     use PyTorch's AMSGrad (`amsgrad`) and a MultiStepLR (`lr_milestones`,
-    `lr_gamma`), which act on each group alike.
+    `lr_gamma`), which act on each group alike. The stable ones restart the
+    decoder group's state every `reset_decoder_every` updates and then skip
+    the encoder group for `encoder_pause_after_reset` updates.
     """
 
     def adamw(lr):
@@ -74,10 +76,14 @@ def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransform
             amsgrad=config.amsgrad,
         )
 
-    return optax.partition(
-        {"encoder": adamw(config.lr_encoder), "decoder": adamw(config.lr_decoder)},
-        parameter_groups,
-    )
+    decoder, encoder = adamw(config.lr_decoder), adamw(config.lr_encoder)
+    if config.reset_decoder_every:
+        period = int(config.reset_decoder_every)
+        decoder = torch_adamw.reset_every(decoder, period)
+        if config.encoder_pause_after_reset:
+            pause = int(config.encoder_pause_after_reset)
+            encoder = torch_adamw.pause_after_resets(encoder, period, pause)
+    return optax.partition({"encoder": encoder, "decoder": decoder}, parameter_groups)
 
 
 def create_train_state(
@@ -129,7 +135,7 @@ def train_step(
     encoder_train: bool,
     frozen_features: list[jax.Array] | None = None,
     dtype: str = "float32",
-    decoder_activation: str = "relu",
+    variant: recontrast_model.Variant = recontrast_model.PAPER_VARIANT,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One ReContrast update (pure; jit it with the static keyword arguments bound).
 
@@ -140,7 +146,7 @@ def train_step(
         `frozen_feature_cache`); computed here when None.
       dtype: compute dtype, 'float32' or 'bfloat16' (parameters, BatchNorm
         statistics, loss and updates stay float32).
-      decoder_activation: 'relu', or 'gelu' (multi-class protocol).
+      variant: the multi-class / stable network changes (`model_variant`).
       arch: encoder architecture.
       tx: the optimiser.
       total_steps: T, for the alpha warm-up.
@@ -159,13 +165,16 @@ def train_step(
             arch, state.frozen, images
         )
     frozen_features = [f.astype(compute) for f in frozen_features]
-    model = recontrast_model.ReContrast(arch, decoder_activation)
+    model = recontrast_model.ReContrast(arch, variant)
+    # PartialNorm's floors come from the pretrained statistics, which E_f keeps.
+    pretrained_stats = {"encoder": state.frozen["batch_stats"]}
 
     def loss_fn(params):
         (targets, recons), updated = model.apply(
             {
                 "params": layers.cast_floating(params, compute),
                 "batch_stats": state.batch_stats,
+                "pretrained_stats": pretrained_stats,
             },
             images,
             frozen_features,
@@ -188,6 +197,15 @@ def train_step(
         opt_state=opt_state,
     )
     return new_state, {"loss": loss, "alpha": alpha}
+
+
+def model_variant(config: ml_collections.ConfigDict) -> recontrast_model.Variant:
+    """The network changes a config asks for (`model.*`)."""
+    return recontrast_model.Variant(
+        decoder_activation=config.model.decoder_activation,
+        partial_norm_threshold=float(config.model.partial_norm_threshold),
+        encoder_bn_epsilon=float(config.model.encoder_bn_epsilon),
+    )
 
 
 def compile_train_step(
@@ -214,7 +232,7 @@ def compile_train_step(
         mining_factor=config.train.mining_factor,
         encoder_train=encoder_train,
         dtype=config.model.dtype,
-        decoder_activation=config.model.decoder_activation,
+        variant=model_variant(config),
     )
     replicated, sharded = parallel.replicated(mesh), parallel.batch_sharding(mesh)
     if cached_features:
@@ -268,7 +286,7 @@ def predict(
     score_rule: str,
     max_ratio: float,
     dtype: str = "float32",
-    decoder_activation: str = "relu",
+    variant: recontrast_model.Variant = recontrast_model.PAPER_VARIANT,
     map_rule: str = "sum",
 ) -> tuple[jax.Array, jax.Array]:
     """Anomaly maps (B, H, W) and image scores (B,) for normalised images.
@@ -285,7 +303,7 @@ def predict(
     frozen_features = recontrast_model.frozen_encoder_features(
         arch, state.frozen, images_c
     )
-    targets, recons = recontrast_model.ReContrast(arch, decoder_activation).apply(
+    targets, recons = recontrast_model.ReContrast(arch, variant).apply(
         variables, images_c, frozen_features, train=False, encoder_train=False
     )
     targets, recons = ([x.astype(jnp.float32) for x in m] for m in (targets, recons))
@@ -302,7 +320,7 @@ def configured_predict(config: ml_collections.ConfigDict):
         score_rule=config.eval.score_rule,
         max_ratio=float(config.eval.max_ratio),
         dtype=config.model.dtype,
-        decoder_activation=config.model.decoder_activation,
+        variant=model_variant(config),
         map_rule=config.eval.map_rule,
     )
 

@@ -112,3 +112,63 @@ def multistep_lr(
     return optax.piecewise_constant_schedule(
         base, {int(m): float(gamma) for m in milestones}
     )
+
+
+class PeriodicState(NamedTuple):
+    """Updates done so far and the wrapped transformation's state."""
+
+    count: jax.Array
+    inner: optax.OptState
+
+
+def _where(condition, new_tree, old_tree):
+    return jax.tree_util.tree_map(
+        lambda new, old: jnp.where(condition, new, old), new_tree, old_tree
+    )
+
+
+def reset_every(
+    inner: optax.GradientTransformation, period: int
+) -> optax.GradientTransformation:
+    """`inner` whose state restarts from `init` after every `period` updates.
+
+    The stable scripts empty the decoder/bottleneck optimiser's state
+    (`opt1.state`) every 500 iterations (spec recontrast.md section 3.4), so
+    its moments and step count start again; update `k * period + 1` is the
+    first of each restart.
+    """
+
+    def init_fn(params):
+        return PeriodicState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        restart = (state.count > 0) & (state.count % period == 0)
+        inner_state = _where(restart, inner.init(params), state.inner)
+        updates, inner_state = inner.update(updates, inner_state, params)
+        return updates, PeriodicState(optax.safe_increment(state.count), inner_state)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def pause_after_resets(
+    inner: optax.GradientTransformation, period: int, pause: int
+) -> optax.GradientTransformation:
+    """`inner`, skipped for the `pause` updates that follow every `period` updates.
+
+    The MVTec stable script does not step the encoder's optimiser for 100
+    iterations after each decoder reset: a skipped update changes neither the
+    parameters (no weight decay either) nor the optimiser's state.
+    """
+
+    def init_fn(params):
+        return PeriodicState(jnp.zeros([], jnp.int32), inner.init(params))
+
+    def update_fn(updates, state, params=None):
+        skip = (state.count >= period) & (state.count % period < pause)
+        new_updates, inner_state = inner.update(updates, state.inner, params)
+        zeros = jax.tree_util.tree_map(jnp.zeros_like, new_updates)
+        return _where(skip, zeros, new_updates), PeriodicState(
+            optax.safe_increment(state.count), _where(skip, state.inner, inner_state)
+        )
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -49,13 +49,24 @@ class BatchNorm(nn.Module):
     the biased variance and the reverse momentum convention, so it cannot be used
     for parity. Under `jax.jit` over a sharded batch the statistics are global.
 
+    With `partial_var_threshold > 0` it is the stable scripts' PartialNorm
+    (spec recontrast.md section 3.4): a floor `min_var = min(pretrained running
+    variance, threshold)` per channel, read from the `pretrained_stats`
+    collection (the frozen encoder's statistics, so it is the value the
+    reference captures at its first forward); in train mode, channels whose
+    unbiased batch variance is at most the floor are normalised with the floor
+    instead (the batch mean stays differentiable) and their running variance
+    moves toward the floor.
+
     Attributes:
       momentum: PyTorch-style momentum (weight of the new batch statistic).
       epsilon: added to the variance before the square root.
+      partial_var_threshold: > 0 makes this a PartialNorm with that threshold.
     """
 
     momentum: float = 0.1
     epsilon: float = 1e-5
+    partial_var_threshold: float = 0.0
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -77,9 +88,14 @@ class BatchNorm(nn.Module):
             axes = tuple(range(x.ndim - 1))
             mean = jnp.mean(x, axis=axes)
             var = jnp.mean(jnp.square(x - mean), axis=axes)
+            count = x.size // features
+            unbiased = var * (count / max(count - 1, 1))
+            if self.partial_var_threshold > 0 and not self.is_initializing():
+                floor = self._variance_floor(features)
+                normal = jax.lax.stop_gradient(unbiased) > floor
+                var = jnp.where(normal, var, floor)
+                unbiased = jnp.where(normal, unbiased, floor)
             if not self.is_initializing():
-                count = x.size // features
-                unbiased = var * (count / max(count - 1, 1))
                 m = self.momentum
                 running_mean.value = (1 - m) * running_mean.value + m * (
                     jax.lax.stop_gradient(mean)
@@ -91,6 +107,17 @@ class BatchNorm(nn.Module):
             mean, var = running_mean.value, running_var.value
         inv = jax.lax.rsqrt(var + self.epsilon) * scale
         return ((x - mean) * inv + bias).astype(dtype)
+
+    def _variance_floor(self, features: int) -> jax.Array:
+        """PartialNorm's `min(pretrained running_var, threshold)` per channel."""
+        if not self.has_variable("pretrained_stats", "var"):
+            raise ValueError(
+                f"PartialNorm {self.path} needs the pretrained statistics: apply "
+                "with a 'pretrained_stats' collection (the frozen encoder's "
+                "batch_stats)"
+            )
+        pretrained = self.get_variable("pretrained_stats", "var")
+        return jnp.minimum(pretrained, self.partial_var_threshold).astype(jnp.float32)
 
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}

@@ -11,6 +11,8 @@ from the frozen half reconstructs the trainable features.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -24,21 +26,49 @@ from recontrast_jax.models.resnet import ResNetEncoder
 Variables = dict[str, Any]
 
 
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """How the authors' scripts change the network (hashable: a static argument).
+
+    Attributes:
+      decoder_activation: 'relu'; 'gelu' (exact erf) in the multi-class scripts.
+      partial_norm_threshold: > 0 puts PartialNorm with this variance
+        threshold in the trainable encoder (the stable scripts: 5e-4).
+      encoder_bn_epsilon: the trainable encoder's BatchNorm epsilon (the
+        stable scripts set 1e-6 after copying E_f, which keeps 1e-5).
+    """
+
+    decoder_activation: str = "relu"
+    partial_norm_threshold: float = 0.0
+    encoder_bn_epsilon: float = 1e-5
+
+    def encoder_norm(self):
+        """The trainable encoder's normalisation layer."""
+        return functools.partial(
+            layers.BatchNorm,
+            epsilon=self.encoder_bn_epsilon,
+            partial_var_threshold=self.partial_norm_threshold,
+        )
+
+
+PAPER_VARIANT = Variant()  # the single-class scripts' network
+
+
 class ReContrast(nn.Module):
     """Trainable encoder + bottleneck + decoder of ReContrast.
 
     Attributes:
       arch: encoder architecture, a key of `resnet.ARCHS`.
-      decoder_activation: 'relu', or 'gelu' for the multi-class protocol.
+      variant: the network changes of the multi-class and stable scripts.
     """
 
     arch: str
-    decoder_activation: str = "relu"
+    variant: Variant = PAPER_VARIANT
 
     def setup(self):
-        self.encoder = ResNetEncoder(self.arch)
+        self.encoder = ResNetEncoder(self.arch, self.variant.encoder_norm())
         self.bottleneck = FusionBottleneck(self.arch)
-        self.decoder = Decoder(self.arch, self.decoder_activation)
+        self.decoder = Decoder(self.arch, self.variant.decoder_activation)
 
     def __call__(
         self,

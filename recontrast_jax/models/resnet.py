@@ -9,6 +9,7 @@ dots before indices replaced by underscores (`layer1.0.downsample.1` becomes
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -98,17 +99,18 @@ class BasicBlock(nn.Module):
     planes: int
     stride: int = 1
     downsample: bool = False
+    norm: Callable[..., nn.Module] = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         out = conv(self.planes, 3, self.stride, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1")(out, train))
+        out = nn.relu(self.norm(name="bn1")(out, train))
         out = conv(self.planes, 3, name="conv2")(out)
-        out = BatchNorm(name="bn2")(out, train)
+        out = self.norm(name="bn2")(out, train)
         identity = x
         if self.downsample:
             identity = conv(self.planes, 1, self.stride, name="downsample_0")(x)
-            identity = BatchNorm(name="downsample_1")(identity, train)
+            identity = self.norm(name="downsample_1")(identity, train)
         return nn.relu(out + identity)
 
 
@@ -124,20 +126,21 @@ class Bottleneck(nn.Module):
     downsample: bool = False
     width_per_group: int = 64
     groups: int = 1
+    norm: Callable[..., nn.Module] = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> jax.Array:
         width = int(self.planes * (self.width_per_group / 64.0)) * self.groups
         out = conv(width, 1, name="conv1")(x)
-        out = nn.relu(BatchNorm(name="bn1")(out, train))
+        out = nn.relu(self.norm(name="bn1")(out, train))
         out = conv(width, 3, self.stride, name="conv2", groups=self.groups)(out)
-        out = nn.relu(BatchNorm(name="bn2")(out, train))
+        out = nn.relu(self.norm(name="bn2")(out, train))
         out = conv(self.planes * 4, 1, name="conv3")(out)
-        out = BatchNorm(name="bn3")(out, train)
+        out = self.norm(name="bn3")(out, train)
         identity = x
         if self.downsample:
             identity = conv(self.planes * 4, 1, self.stride, name="downsample_0")(x)
-            identity = BatchNorm(name="downsample_1")(identity, train)
+            identity = self.norm(name="downsample_1")(identity, train)
         return nn.relu(out + identity)
 
 
@@ -148,16 +151,18 @@ def make_block(
     downsample: bool,
     name: str,
     groups: int = 1,
+    norm: Callable[..., nn.Module] = BatchNorm,
 ):
     """Instantiates the block type of `spec` (shared by encoder and bottleneck).
 
-    `groups` is passed explicitly (not read from `spec`) so that ReContrast's
-    bottleneck, which shares this function, keeps ungrouped convolutions.
+    `groups` and `norm` are passed explicitly (not read from `spec`) so that
+    ReContrast's bottleneck, which shares this function, keeps ungrouped
+    convolutions and plain BatchNorm.
     """
     if spec.block == "basic":
-        return BasicBlock(planes, stride, downsample, name=name)
+        return BasicBlock(planes, stride, downsample, norm, name=name)
     return Bottleneck(
-        planes, stride, downsample, spec.width_per_group, groups, name=name
+        planes, stride, downsample, spec.width_per_group, groups, norm, name=name
     )
 
 
@@ -170,13 +175,15 @@ def run_stage(
     stride: int,
     train: bool,
     groups: int = 1,
+    norm: Callable[..., nn.Module] = BatchNorm,
 ) -> jax.Array:
     """torchvision `_make_layer`: block 0 may stride/project, the rest are identity."""
     out_channels = planes * spec.expansion
     downsample = stride != 1 or x.shape[-1] != out_channels
-    x = make_block(spec, planes, stride, downsample, f"{prefix}_0", groups)(x, train)
+    block = make_block(spec, planes, stride, downsample, f"{prefix}_0", groups, norm)
+    x = block(x, train)
     for i in range(1, blocks):
-        x = make_block(spec, planes, 1, False, f"{prefix}_{i}", groups)(x, train)
+        x = make_block(spec, planes, 1, False, f"{prefix}_{i}", groups, norm)(x, train)
     return x
 
 
@@ -185,9 +192,11 @@ class ResNetEncoder(nn.Module):
 
     Attributes:
       arch: a key of `ARCHS`.
+      norm: the normalisation layer (e.g. a PartialNorm `BatchNorm`).
     """
 
     arch: str
+    norm: Callable[..., nn.Module] = BatchNorm
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
@@ -201,7 +210,7 @@ class ResNetEncoder(nn.Module):
             kernel_init=conv_kernel_init,
             name="conv1",
         )(x)
-        x = nn.relu(BatchNorm(name="bn1")(x, train))
+        x = nn.relu(self.norm(name="bn1")(x, train))
         x = max_pool_3x3_s2(x)
         features = []
         for stage, (planes, blocks) in enumerate(
@@ -217,6 +226,7 @@ class ResNetEncoder(nn.Module):
                 stride,
                 train,
                 groups=spec.groups,
+                norm=self.norm,
             )
             features.append(x)
         return features
