@@ -22,25 +22,13 @@ AUROC 99.45, pixel AUROC 98.37, per-image AUPRO (`aupro_recontrast_per_image`)
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
-    config = default_config.get_config()
-    if category != "all" and category not in categories.MVTEC_CATEGORIES:
-        raise ValueError(
-            f"Unknown MVTec category {category!r}; use one of {categories.MVTEC_CATEGORIES} or 'all'."
-        )
-    config.data.source = "folder"
-    config.data.tfds_name = "mvtec_ad"  # for --config.data.source=tfds
-    config.data.categories = (
-        categories.MVTEC_CATEGORIES if category == "all" else (category,)
-    )
+    config = default_config.mvtec_config(category)
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     config.model.encoder_bn_train = True
     config.model.encoder_bn_eval_categories = default_config.MVTEC_ENCODER_BN_EVAL
-    config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     config.train.steps = 2000
     config.train.batch_size = 16
     config.eval.every = 250

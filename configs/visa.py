@@ -21,24 +21,12 @@ pixel AUROC 98.21, per-image AUPRO 92.62; e.g. candle 97.20 / 99.15 / 94.77.
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
-    if category != "all" and category not in categories.VISA_OBJECTS:
-        raise ValueError(
-            f"Unknown VisA object {category!r}; use one of {categories.VISA_OBJECTS} or 'all'."
-        )
-    config = default_config.get_config()
-    config.data.source = "folder"
-    config.data.tfds_name = "visa"
-    config.data.categories = (
-        categories.VISA_OBJECTS if category == "all" else (category,)
-    )
+    config = default_config.visa_config(category)
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     config.model.encoder_bn_eval_categories = default_config.VISA_ENCODER_BN_EVAL
-    config.data.holdout_fraction = 0.0  # the paper trains on every normal image
     config.train.steps = 3000
     config.train.batch_size = 16
     config.eval.every = 250

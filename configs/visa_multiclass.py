@@ -14,17 +14,11 @@ No published number (no logs in the authors' repository, spec section 5).
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config():
-    config = default_config.get_config()
-    config.data.source = "folder"
-    config.data.tfds_name = "visa"
-    config.data.categories = categories.VISA_OBJECTS
-    config.data.holdout_fraction = 0.0
+    config = default_config.visa_config("all")
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     default_config.use_multiclass_protocol(config)
     config.report.title = "Multi-class ReContrast on VisA (1cls)"
     return config

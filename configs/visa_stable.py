@@ -12,23 +12,11 @@ No published number (no logs in the authors' repository, spec section 5).
 """
 
 from recontrast_jax import default_config
-from recontrast_jax.data import categories
 
 
 def get_config(category: str = "all"):
-    if category != "all" and category not in categories.VISA_OBJECTS:
-        raise ValueError(
-            f"Unknown VisA object {category!r}; use one of {categories.VISA_OBJECTS} or 'all'."
-        )
-    config = default_config.get_config()
-    config.data.source = "folder"
-    config.data.tfds_name = "visa"
-    config.data.categories = (
-        categories.VISA_OBJECTS if category == "all" else (category,)
-    )
-    config.data.holdout_fraction = 0.0
+    config = default_config.visa_config(category)
     config.model.arch = "wide_resnet50_2"
-    config.model.pretrained = "imagenet"
     default_config.use_stable_protocol(
         config, steps=4000, encoder_pause=0, max_ratio=0.0
     )

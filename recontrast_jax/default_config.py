@@ -199,27 +199,36 @@ def medical_config(name: str) -> ml_collections.ConfigDict:
     return config
 
 
-def mvtec_config(category: str) -> ml_collections.ConfigDict:
-    """The base of every MVTec AD config: `category` is one name or 'all'.
+def benchmark_config(
+    tfds_name: str, names: tuple[str, ...], category: str, kind: str
+) -> ml_collections.ConfigDict:
+    """A benchmark in a folder: `category` is one of `names` or 'all'.
 
-    A folder in MVTec layout (`data.root`; `--config.data.source=tfds` uses the
-    `mvtec_ad` builder), the V1 ImageNet weights, and every normal image used
-    for training as in the papers (thresholds then come from training images).
+    The folder source (`--config.data.source=tfds` uses the `tfds_name`
+    builder), the V1 ImageNet weights, and every normal image used for
+    training as in the papers (thresholds then come from training images).
     """
-    if category != "all" and category not in categories.MVTEC_CATEGORIES:
-        raise ValueError(
-            f"Unknown MVTec category {category!r}; use one of "
-            f"{categories.MVTEC_CATEGORIES} or 'all'."
-        )
+    if category != "all" and category not in names:
+        raise ValueError(f"Unknown {kind} {category!r}; use one of {names} or 'all'.")
     config = get_config()
     config.data.source = "folder"
-    config.data.tfds_name = "mvtec_ad"
-    config.data.categories = (
-        categories.MVTEC_CATEGORIES if category == "all" else (category,)
-    )
+    config.data.tfds_name = tfds_name
+    config.data.categories = names if category == "all" else (category,)
     config.data.holdout_fraction = 0.0
     config.model.pretrained = "imagenet"
     return config
+
+
+def mvtec_config(category: str) -> ml_collections.ConfigDict:
+    """The base of every MVTec AD config (`benchmark_config`)."""
+    return benchmark_config(
+        "mvtec_ad", categories.MVTEC_CATEGORIES, category, "MVTec category"
+    )
+
+
+def visa_config(category: str) -> ml_collections.ConfigDict:
+    """The base of every VisA config: the prepared 1cls folder or `visa` builder."""
+    return benchmark_config("visa", categories.VISA_OBJECTS, category, "VisA object")
 
 
 def use_patchcore_reference_pipeline(config: ml_collections.ConfigDict) -> None:
@@ -306,23 +315,9 @@ def use_multiclass_protocol(
 def btad_config(product: str) -> ml_collections.ConfigDict:
     """The base of the BTAD configs: `product` is '01', '02', '03' or 'all'.
 
-    A folder of BTAD's products (`--config.data.source=tfds` uses the `btad`
-    builder), the V1 ImageNet weights, every normal image used for training,
-    and PatchCore's reference data and feature rules.
+    `benchmark_config` with PatchCore's reference data and feature rules.
     """
-    if product != "all" and product not in categories.BTAD_PRODUCTS:
-        raise ValueError(
-            f"Unknown BTAD product {product!r}; use one of "
-            f"{categories.BTAD_PRODUCTS} or 'all'."
-        )
-    config = get_config()
-    config.data.source = "folder"
-    config.data.tfds_name = "btad"
-    config.data.categories = (
-        categories.BTAD_PRODUCTS if product == "all" else (product,)
-    )
-    config.data.holdout_fraction = 0.0
-    config.model.pretrained = "imagenet"
+    config = benchmark_config("btad", categories.BTAD_PRODUCTS, product, "BTAD product")
     use_patchcore_reference_pipeline(config)
     return config
 

@@ -104,9 +104,9 @@ def test_gelu_decoder_block_matches_torch():
     assert np.abs(np.asarray(relu) - got).max() > 1e-2
 
 
-def multiclass_config(data):
+def multiclass_config(data, name="mvtec_multiclass"):
     spec = importlib.util.spec_from_file_location(
-        "mvtec_multiclass", os.path.join(CONFIGS, "mvtec_multiclass.py")
+        name, os.path.join(CONFIGS, f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -125,6 +125,20 @@ def multiclass_config(data):
     config.checkpoint.every = 3
     config.report.num_heatmaps = 0
     return config
+
+
+def test_visa_multiclass_config_has_the_same_protocol(tiny_dataset):
+    """Only the data differs from the MVTec config, which runs end to end below."""
+    mvtec = multiclass_config(tiny_dataset).to_dict()
+    visa = multiclass_config(tiny_dataset, "visa_multiclass").to_dict()
+    differing = {
+        (group, key)
+        for group in mvtec
+        if isinstance(mvtec[group], dict)
+        for key in mvtec[group]
+        if mvtec[group][key] != visa[group][key]
+    }
+    assert differing == {("data", "tfds_name"), ("report", "title")}
 
 
 def test_multiclass_run_trains_one_model_for_every_category(tmp_path, tiny_dataset):

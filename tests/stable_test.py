@@ -169,9 +169,10 @@ def test_restarts_and_pauses_match_torch_optimisers():
                                    err_msg=f"encoder, update {step + 1}")  # fmt: skip
 
 
-def test_stable_run_end_to_end(tmp_path, tiny_dataset):
+@pytest.mark.parametrize("name", ["mvtec_stable", "visa_stable"])
+def test_stable_run_end_to_end(tmp_path, tiny_dataset, name):
     spec = importlib.util.spec_from_file_location(
-        "mvtec_stable", os.path.join(CONFIGS, "mvtec_stable.py")
+        name, os.path.join(CONFIGS, f"{name}.py")
     )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

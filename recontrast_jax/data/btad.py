@@ -19,14 +19,10 @@ published, so none is checked.
 
 from __future__ import annotations
 
-import uuid
-import zipfile
-
 import tensorflow_datasets as tfds
 from etils import epath
 
-from recontrast_jax.data import categories, folder, mvtec_ad, tfds_common
-from recontrast_jax.data.folder import DatasetError
+from recontrast_jax.data import categories, mvtec_ad, tfds_common
 
 PRODUCTS = categories.BTAD_PRODUCTS
 ARCHIVE_NAME = "BTech_Dataset_transformed.zip"
@@ -66,8 +62,8 @@ BTAD must be downloaded by hand:
 """
 
 
-class Btad(tfds.core.GeneratorBasedBuilder):
-    """BTAD, one config per product."""
+class Btad(mvtec_ad.MvtecAd):
+    """BTAD, one config per product: MVTec AD's builder on BTAD's folders."""
 
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "Initial release."}
@@ -87,67 +83,17 @@ class Btad(tfds.core.GeneratorBasedBuilder):
             license="CC BY-SA 4.0",
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        product = self.builder_config.name
-        root = find_dataset_root(
-            dl_manager.manual_dir, product, dl_manager.download_dir / "extracted"
+    def _dataset_root(self, dl_manager: tfds.download.DownloadManager, category: str):
+        return find_dataset_root(
+            dl_manager.manual_dir, category, dl_manager.download_dir / "extracted"
         )
-        files = folder.scan_category(root, product)
-        product_dir = epath.Path(root) / product
-        return {
-            "train": self._generate_examples(files.train, product_dir),
-            "test": self._generate_examples(files.test, product_dir),
-        }
-
-    def _generate_examples(self, samples, product_dir: epath.Path):
-        for sample in samples:
-            file_name = epath.Path(sample.path).relative_to(product_dir).as_posix()
-            yield file_name, mvtec_ad.example_from_sample(sample, file_name)
 
 
 def find_dataset_root(
     manual_dir: epath.PathLike, product: str, extract_root: epath.PathLike
 ) -> epath.Path:
-    """The folder holding ``<product>/``, extracting the zip once if needed.
-
-    Raises:
-      DatasetError: naming the places searched when neither the product folder
-        nor the zip is there, or when the zip cannot be read.
-    """
-    manual_dir = epath.Path(manual_dir)
-    candidates = [manual_dir, manual_dir / _FOLDER_NAME]
-    for candidate in candidates:
-        if (candidate / product).is_dir():
-            return candidate
-    archive = manual_dir / ARCHIVE_NAME
-    if not archive.is_file():
-        tried = ", ".join(str(c / product) for c in candidates)
-        raise DatasetError(
-            f"BTAD product {product!r} not found: none of {tried} is a folder "
-            f"and there is no archive {archive}"
-        )
-    extracted = extract_zip_once(archive, epath.Path(extract_root) / _FOLDER_NAME)
-    for candidate in (extracted, extracted / _FOLDER_NAME):
-        if (candidate / product).is_dir():
-            return candidate
-    raise DatasetError(f"archive {archive} holds no folder {product!r}")
-
-
-def extract_zip_once(archive: epath.Path, destination: epath.Path) -> epath.Path:
-    """Extracts a zip into ``destination`` once, via a renamed temporary folder."""
-    if destination.exists():
-        return destination
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.parent / f"{destination.name}.partial-{uuid.uuid4().hex}"
-    try:
-        with zipfile.ZipFile(archive) as zipped:
-            # zipfile drops absolute paths and '..' parts: nothing lands outside.
-            zipped.extractall(partial)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        if partial.exists():
-            partial.rmtree()
-        raise DatasetError(
-            f"cannot extract archive {archive}: {type(e).__name__}: {e}"
-        ) from e
-    partial.rename(destination)
-    return destination
+    """The folder holding ``<product>/``, extracting the zip once if needed."""
+    return mvtec_ad.find_category_root(
+        manual_dir, product, extract_root, _FOLDER_NAME, ARCHIVE_NAME,
+        archive_sha256=None, what="BTAD product",
+    )  # fmt: skip

@@ -88,11 +88,15 @@ class MvtecAd(tfds.core.GeneratorBasedBuilder):
             license="CC BY-NC-SA 4.0",
         )
 
-    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
-        category = self.builder_config.name
-        root = find_dataset_root(
+    def _dataset_root(self, dl_manager: tfds.download.DownloadManager, category: str):
+        """The folder holding ``<category>/`` (subclasses: other archives)."""
+        return find_dataset_root(
             dl_manager.manual_dir, category, dl_manager.download_dir / "extracted"
         )
+
+    def _split_generators(self, dl_manager: tfds.download.DownloadManager):
+        category = self.builder_config.name
+        root = self._dataset_root(dl_manager, category)
         files = folder.scan_category(root, category)
         category_dir = epath.Path(root) / category
         return {
@@ -133,12 +137,33 @@ def _root_holding(candidates: list[epath.Path], category: str) -> epath.Path | N
 def find_dataset_root(
     manual_dir: epath.PathLike, category: str, extract_root: epath.PathLike
 ) -> epath.Path:
+    """MVTec AD's `find_category_root`: its folder, archive and checked sha256."""
+    return find_category_root(
+        manual_dir, category, extract_root, _FOLDER_NAME, ARCHIVE_NAME,
+        ARCHIVE_SHA256, "MVTec AD category",
+    )  # fmt: skip
+
+
+def find_category_root(
+    manual_dir: epath.PathLike,
+    category: str,
+    extract_root: epath.PathLike,
+    folder_name: str,
+    archive_name: str,
+    archive_sha256: str | None,
+    what: str,
+) -> epath.Path:
     """Finds (extracting the archive if needed) the folder holding ``<category>/``.
 
     Args:
       manual_dir: The manual download directory.
-      category: MVTec AD category name.
+      category: The category (or product) name.
       extract_root: Where the archive is extracted if no extracted copy exists.
+      folder_name: The dataset's top folder, inside the manual dir or archive.
+      archive_name: The distributed archive (tar or zip).
+      archive_sha256: Its published digest, checked before extracting (None:
+        none is published).
+      what: Names the category in errors.
 
     Returns:
       A folder whose ``<category>`` sub-folder is the category.
@@ -148,22 +173,23 @@ def find_dataset_root(
         is found (naming the places searched), or the archive's sha256 is wrong.
     """
     manual_dir = epath.Path(manual_dir)
-    candidates = [manual_dir, manual_dir / _FOLDER_NAME]
+    candidates = [manual_dir, manual_dir / folder_name]
     root = _root_holding(candidates, category)
     if root is not None:
         return root
-    archive = manual_dir / ARCHIVE_NAME
+    archive = manual_dir / archive_name
     if not archive.is_file():
         tried = ", ".join(str(c / category) for c in candidates)
         raise DatasetError(
-            f"MVTec AD category {category!r} not found: none of {tried} is a "
+            f"{what} {category!r} not found: none of {tried} is a "
             f"folder and there is no archive {archive}"
         )
-    extracted = epath.Path(extract_root) / _FOLDER_NAME
+    extracted = epath.Path(extract_root) / folder_name
     if not extracted.exists():
-        tfds_common.verify_sha256(archive, ARCHIVE_SHA256)
-        tfds_common.extract_tar_once(archive, extracted)
-    candidates = [extracted, extracted / _FOLDER_NAME]
+        if archive_sha256 is not None:
+            tfds_common.verify_sha256(archive, archive_sha256)
+        tfds_common.extract_archive_once(archive, extracted)
+    candidates = [extracted, extracted / folder_name]
     root = _root_holding(candidates, category)
     if root is None:
         raise DatasetError(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tarfile
 import uuid
+import zipfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -150,24 +151,24 @@ def verify_sha256(path: epath.PathLike, expected: str) -> None:
         )
 
 
-def extract_tar_once(
+def extract_archive_once(
     archive: epath.PathLike, destination: epath.PathLike
 ) -> epath.Path:
-    """Extracts a tar archive (any compression) into ``destination`` once.
+    """Extracts a tar (any compression) or zip archive into ``destination`` once.
 
     Extraction goes to a temporary sibling folder that is renamed at the end, so
     an interrupted extraction never leaves a half-filled ``destination`` that a
     later run would mistake for a complete one.
 
     Args:
-      archive: The ``.tar``/``.tar.xz``/``.tar.gz`` file.
+      archive: The ``.tar``/``.tar.xz``/``.tar.gz`` or ``.zip`` file.
       destination: Folder to create; reused as is if it already exists.
 
     Returns:
       ``destination``.
 
     Raises:
-      DatasetError: If the archive is not a readable tar file.
+      DatasetError: If the archive is not a readable tar or zip file.
     """
     archive, destination = epath.Path(archive), epath.Path(destination)
     if destination.exists():
@@ -175,11 +176,16 @@ def extract_tar_once(
     destination.parent.mkdir(parents=True, exist_ok=True)
     partial = destination.parent / f"{destination.name}.partial-{uuid.uuid4().hex}"
     try:
-        with tarfile.open(archive, mode="r:*") as tar:
-            # The "data" filter refuses absolute paths, links leaving the folder
-            # and device files, so a malicious archive cannot write elsewhere.
-            tar.extractall(partial, filter="data")
-    except (tarfile.TarError, OSError, EOFError) as e:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zipped:
+                # zipfile drops absolute paths and '..' parts: nothing lands outside.
+                zipped.extractall(partial)
+        else:
+            with tarfile.open(archive, mode="r:*") as tar:
+                # The "data" filter refuses absolute paths, links leaving the
+                # folder and device files, so an archive cannot write elsewhere.
+                tar.extractall(partial, filter="data")
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError) as e:
         if partial.exists():
             partial.rmtree()
         raise DatasetError(

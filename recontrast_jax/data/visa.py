@@ -134,7 +134,9 @@ def find_visa_root(
         raise DatasetError(
             f"VisA not found: none of {tried} exists and there is no archive {archive}"
         )
-    extracted = tfds_common.extract_tar_once(archive, epath.Path(extract_root) / "VisA")
+    extracted = tfds_common.extract_archive_once(
+        archive, epath.Path(extract_root) / "VisA"
+    )
     root = _root_with_split_csv(extracted)
     if root is None:
         raise DatasetError(
