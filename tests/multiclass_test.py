@@ -127,8 +127,8 @@ def multiclass_config(data, name="mvtec_multiclass"):
     return config
 
 
-def test_visa_multiclass_config_has_the_same_protocol(tmp_path, tiny_dataset):
-    """Only the data differs from the MVTec config; it runs end to end too."""
+def test_visa_multiclass_config_has_the_same_protocol(tiny_dataset):
+    """Only the data differs from the MVTec config, which runs end to end below."""
     mvtec = multiclass_config(tiny_dataset).to_dict()
     visa = multiclass_config(tiny_dataset, "visa_multiclass").to_dict()
     differing = {
@@ -139,12 +139,6 @@ def test_visa_multiclass_config_has_the_same_protocol(tmp_path, tiny_dataset):
         if mvtec[group][key] != visa[group][key]
     }
     assert differing == {("data", "tfds_name"), ("report", "title")}
-    config = multiclass_config(tiny_dataset, "visa_multiclass")
-    config.data.categories = ("gravel",)
-    config.train.steps = config.eval.every = config.checkpoint.every = 2
-    config.optimizer.lr_milestones = (1,)
-    summary = run.run(config, str(tmp_path / "run"))
-    assert summary["categories"]["gravel"]["steps"] == 2.0
 
 
 def test_multiclass_run_trains_one_model_for_every_category(tmp_path, tiny_dataset):
