@@ -11,17 +11,19 @@ joins them first (see `--coordinator_address`, `--num_processes`,
 
 from __future__ import annotations
 
+import ast
 import logging as std_logging
+import re
 import sys
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recontrast_jax import distributed, export, predict, reports, run
+from recontrast_jax import default_config, distributed, export, predict, reports, run
 from recontrast_jax.data import folder
 
-MODES = ("train", "evaluate", "predict", "export")
+MODES = default_config.MODES
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py[:arg]).")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and heatmaps.")
@@ -60,9 +62,42 @@ def quiet_library_logs() -> None:
     )
 
 
+def config_load_error(error: Exception) -> str:
+    """One line for a config file that cannot load or a bad `--config.*` flag.
+
+    ml_collections reports these when the config is first read, as an
+    AttributeError whose text is a repr (quotes, `\\n`) or a multi-line OSError.
+    """
+    text = str(error)
+    if text[:1] in "'\"":
+        try:
+            text = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            pass
+    unknown = re.match(r"'([^']+)'\s*Did you mean \"([^\"]+)\"", text)
+    if unknown:
+        return (
+            f"--config: unknown field {unknown.group(1)!r} "
+            f"(did you mean {unknown.group(2)!r}?)"
+        )
+    missing = re.search(r"\[Errno \d+\] ([^:]+): '([^']+)'", text)
+    if missing:
+        return f"--config: cannot load {missing.group(2)}: {missing.group(1)}"
+    return "--config: " + " ".join(text.split())
+
+
 def main(argv):
     del argv
     quiet_library_logs()
+    try:
+        config = FLAGS.config
+        default_config.validate(config)
+    except default_config.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except (AttributeError, OSError, KeyError, TypeError, ValueError) as e:
+        print(f"error: {config_load_error(e)}", file=sys.stderr)
+        sys.exit(1)
     try:  # before anything touches a device
         distributed.initialize(
             FLAGS.coordinator_address,
@@ -82,7 +117,7 @@ def main(argv):
         jax.device_count(),
         jax.devices()[0].platform,
     )
-    config, workdir = FLAGS.config, FLAGS.workdir
+    workdir = FLAGS.workdir
     try:
         if config.mode in ("train", "evaluate"):
             report(run.run(config, workdir, fit=config.mode == "train"), workdir)
@@ -106,5 +141,19 @@ def report(summary: dict, workdir: str) -> None:
     print(f"results: {workdir}/results.md, metrics: {workdir}/metrics.json")
 
 
+def parse_flags(argv):
+    """absl's parsing, with a bad `--config.*` override reported in one line.
+
+    ml_collections applies overrides while the flags are parsed, before `main`.
+    """
+    try:
+        return FLAGS(argv)
+    except flags.Error as e:  # e.g. a missing --workdir, --config.train.steps=abc
+        print(f"error: {e}", file=sys.stderr)
+    except (AttributeError, KeyError, OSError, TypeError, ValueError) as e:
+        print(f"error: {config_load_error(e)}", file=sys.stderr)
+    sys.exit(1)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

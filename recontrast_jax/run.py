@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, parallel, reports, thresholds
+from recontrast_jax import default_config, evaluate, parallel, reports, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup
 
@@ -186,7 +186,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
       workdir: run directory (resumed when it holds checkpoints).
       fit: train (resuming) before evaluating; False evaluates saved models.
     """
-    lookup.get(config.method)  # an unknown method fails before any work
+    default_config.validate(config)  # a bad value fails before any work
     prepare_workdir(workdir)
     if jax.process_index() == 0:
         reports.atomic_write_text(

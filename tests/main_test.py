@@ -48,3 +48,42 @@ def test_workdir_that_is_a_file_is_reported(tmp_path):
     assert str(blocker / "work") in proc.stderr
     assert "not writable" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def one_error_line(proc):
+    """The stderr lines that are not absl/JAX start-up logging."""
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_misspelled_override_is_one_line_with_the_suggestion(tmp_path):
+    line = one_error_line(run_main(f"--workdir={tmp_path}", "--config.train.stepz=5"))
+    assert line == "error: --config: unknown field 'stepz' (did you mean 'steps'?)"
+
+
+def test_missing_config_file_is_one_line(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "recontrast_jax.main", "--config=configs/nope.py",
+         f"--workdir={tmp_path}"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    line = one_error_line(proc)
+    assert (
+        line
+        == "error: --config: cannot load configs/nope.py: No such file or directory"
+    )
+
+
+def test_crop_larger_than_image_fails_before_any_work(tmp_path):
+    work = tmp_path / "work"
+    line = one_error_line(run_main(f"--workdir={work}", "--config.data.image_size=64"))
+    assert "config.data.crop_size=96" in line and "config.data.image_size=64" in line
+    assert not work.exists()
+
+
+def test_badly_typed_override_is_one_line(tmp_path):
+    line = one_error_line(run_main(f"--workdir={tmp_path}", "--config.train.steps=abc"))
+    assert "--config.train.steps=abc" in line

@@ -37,6 +37,7 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from recontrast_jax import default_config  # noqa: E402
 from recontrast_jax.data import folder  # noqa: E402
 
 tf.get_logger().setLevel("ERROR")
@@ -48,11 +49,10 @@ except (RuntimeError, ValueError):
 
 # 'squash': Resize((s, s)) (ReContrast's scripts); 'shorter_side': Resize(s),
 # the shorter side to s and the longer int(s * long / short) (PatchCore's).
-RESIZE_MODES = ("squash", "shorter_side")
 # 'positive': a mask pixel > 0 after resizing is anomalous (ReContrast);
 # 'exactly_one': only pixels that stay 255, i.e. 1.0 after ToTensor, count
 # (PatchCore's `.astype(int)`), and the image label is the folder's.
-MASK_RULES = ("positive", "exactly_one")
+RESIZE_MODES, MASK_RULES = default_config.RESIZE_MODES, default_config.MASK_RULES
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
