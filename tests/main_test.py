@@ -87,3 +87,30 @@ def test_crop_larger_than_image_fails_before_any_work(tmp_path):
 def test_badly_typed_override_is_one_line(tmp_path):
     line = one_error_line(run_main(f"--workdir={tmp_path}", "--config.train.steps=abc"))
     assert "--config.train.steps=abc" in line
+
+
+def test_corrupt_training_image_is_one_line_without_tensorflow_noise(tmp_path):
+    from PIL import Image
+
+    train = tmp_path / "data" / "widget" / "train" / "good"
+    test = tmp_path / "data" / "widget" / "test" / "good"
+    train.mkdir(parents=True)
+    test.mkdir(parents=True)
+    for folder_, name in ((train, "000.png"), (train, "001.png"), (test, "000.png")):
+        Image.new("RGB", (40, 40), (90, 120, 30)).save(folder_ / name)
+    broken = train / "002.png"
+    broken.write_bytes((train / "000.png").read_bytes()[:60])  # truncated
+    proc = run_main(
+        f"--workdir={tmp_path / 'work'}",
+        "--config.data.source=folder",
+        f"--config.data.root={tmp_path / 'data'}",
+        "--config.data.categories=widget",
+        "--config.data.image_size=32",
+        "--config.data.crop_size=32",
+        "--config.train.steps=1",
+        "--config.train.batch_size=2",
+    )
+    line = one_error_line(proc)
+    assert "cannot read image" in line and str(broken) in line
+    assert "OP_REQUIRES" not in proc.stderr
+    assert len(proc.stderr.splitlines()) < 15, proc.stderr

@@ -26,11 +26,15 @@ import time
 import weakref
 from collections.abc import Sequence
 
-# Must be set before TensorFlow is imported to silence its C++ INFO logs. TF 2.21
+# Must be set before TensorFlow is imported to silence its C++ logs. TF 2.21
 # prints its oneDNN notice regardless of the log level unless oneDNN graph
 # rewrites are off; they only touch conv/matmul kernels, which this module never
 # runs, so turning them off changes no pixel.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# JAX sets "1" when it is imported first, which lets TensorFlow's warnings
+# through: a corrupt image then prints its op-kernel traceback (~80 lines)
+# before the error line. Raised to 2 (warnings off, errors shown).
+if int(os.environ.get("TF_CPP_MIN_LOG_LEVEL", "0") or 0) < 2:
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
 os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import numpy as np  # noqa: E402
