@@ -22,6 +22,15 @@ def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     )
 
 
+def existing_manager(directory: str) -> ocp.CheckpointManager:
+    """`manager(directory)` for reading: a missing directory is an error, not made."""
+    if not os.path.isdir(directory):
+        raise NoCheckpointError(
+            f"No checkpoint in {os.path.abspath(directory)}: train first (mode 'train')."
+        )
+    return manager(directory)
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
     """Saves `state` at `step` (blocking; an existing step is left as it is)."""
     if step in mngr.all_steps():

@@ -20,7 +20,14 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import default_config, evaluate, parallel, reports, thresholds
+from recontrast_jax import (
+    checkpointing,
+    default_config,
+    evaluate,
+    parallel,
+    reports,
+    thresholds,
+)
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup
 
@@ -187,6 +194,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
       fit: train (resuming) before evaluating; False evaluates saved models.
     """
     default_config.validate(config)  # a bad value fails before any work
+    if not fit and not os.path.isdir(workdir):
+        raise checkpointing.NoCheckpointError(
+            f"Workdir {workdir} does not exist: nothing to evaluate; train first "
+            "(mode 'train')."
+        )
     prepare_workdir(workdir)
     if jax.process_index() == 0:
         reports.atomic_write_text(

@@ -114,3 +114,14 @@ def test_corrupt_training_image_is_one_line_without_tensorflow_noise(tmp_path):
     assert "cannot read image" in line and str(broken) in line
     assert "OP_REQUIRES" not in proc.stderr
     assert len(proc.stderr.splitlines()) < 15, proc.stderr
+
+
+def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path):
+    work = tmp_path / "work"
+    line = one_error_line(run_main(f"--workdir={work}", "--config.mode=evaluate"))
+    assert str(work) in line and "train first" in line
+    assert not work.exists()
+    work.mkdir()
+    line = one_error_line(run_main(f"--workdir={work}", "--config.mode=evaluate"))
+    assert "No checkpoint in" in line
+    assert not (work / "checkpoints").exists()

@@ -381,7 +381,7 @@ def restore(config, workdir: str, category: str, mesh) -> list[dict]:
     models = []
     for arch in archs:
         directory = model_dir(workdir, category, arch, len(archs) > 1)
-        ckpt = checkpointing.manager(directory)
+        ckpt = checkpointing.existing_manager(directory)
         model = saved_model(ckpt, config.checkpoint.step)
         if model is None:
             raise checkpointing.NoCheckpointError(

@@ -220,7 +220,7 @@ def fit(
 def restore(config: ml_collections.ConfigDict, workdir: str, category: str, mesh):
     """The category's checkpoint (`checkpoint.step`, -1: the latest), replicated."""
     directory = checkpoint_dir(workdir, category)
-    ckpt = checkpointing.manager(directory)
+    ckpt = checkpointing.existing_manager(directory)
     if ckpt.latest_step() is None:
         raise checkpointing.NoCheckpointError(
             f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
