@@ -339,68 +339,6 @@ def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:
     return config
 
 
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the field."""
-
-
 RESIZE_MODES = ("squash", "shorter_side")  # data.resize, see data/input_pipeline.py
 MASK_RULES = ("positive", "exactly_one")  # data.mask_rule
 MODES = ("train", "evaluate", "predict", "export")
-
-
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Checks the config before any work, so a bad value fails in one line.
-
-    Raises:
-      ConfigError: naming the first field that is wrong and what it may be.
-    """
-    from recontrast_jax import anomaly_maps, thresholds  # jax: loaded lazily
-    from recontrast_jax.data import sources
-    from recontrast_jax.methods import lookup
-    from recontrast_jax.models import backbones
-
-    choices = {
-        "method": tuple(lookup.METHODS),
-        "mode": MODES,
-        "data.source": sources.SOURCES,
-        "data.resize": RESIZE_MODES,
-        "data.mask_rule": MASK_RULES,
-        "model.arch": tuple(backbones.known_archs()),
-        "model.decoder_activation": ("relu", "gelu"),
-        "eval.score_rule": anomaly_maps.SCORE_RULES,
-        "eval.map_rule": anomaly_maps.MAP_RULES,
-        "patchcore.distance": ("euclidean", "squared"),
-        "threshold.rule": thresholds.RULES,
-    }
-    for field, allowed in choices.items():
-        if _field(config, field) not in allowed:
-            raise ConfigError(
-                f"config.{field}={_field(config, field)!r} is not one of "
-                f"{', '.join(map(str, allowed))}"
-            )
-    for field in ("data.image_size", "data.crop_size", "train.steps",
-                  "train.batch_size", "eval.batch_size", "eval.every"):  # fmt: skip
-        if int(_field(config, field)) < 1:
-            raise ConfigError(f"config.{field}={_field(config, field)} must be >= 1")
-    if config.data.crop_size > config.data.image_size:
-        raise ConfigError(
-            f"config.data.crop_size={config.data.crop_size} is larger than "
-            f"config.data.image_size={config.data.image_size}: the centre crop is "
-            "cut from the resized image; lower the crop or raise the size"
-        )
-    if not 0.0 <= config.data.holdout_fraction < 1.0:
-        raise ConfigError(
-            f"config.data.holdout_fraction={config.data.holdout_fraction} must be "
-            "in [0, 1)"
-        )
-    if not 0.0 <= config.eval.max_ratio <= 1.0:
-        raise ConfigError(
-            f"config.eval.max_ratio={config.eval.max_ratio} must be in [0, 1]"
-        )
-
-
-def _field(config: ml_collections.ConfigDict, dotted: str):
-    value = config
-    for part in dotted.split("."):
-        value = value[part]
-    return value

@@ -20,7 +20,15 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from recontrast_jax import default_config, distributed, export, predict, reports, run
+from recontrast_jax import (
+    config_checks,
+    default_config,
+    distributed,
+    export,
+    predict,
+    reports,
+    run,
+)
 from recontrast_jax.data import folder
 
 MODES = default_config.MODES
@@ -91,8 +99,8 @@ def main(argv):
     quiet_library_logs()
     try:
         config = FLAGS.config
-        default_config.validate(config)
-    except default_config.ConfigError as e:
+        config_checks.validate(config)
+    except config_checks.ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
     except (AttributeError, OSError, KeyError, TypeError, ValueError) as e:

@@ -22,7 +22,7 @@ import numpy as np
 
 from recontrast_jax import (
     checkpointing,
-    default_config,
+    config_checks,
     evaluate,
     parallel,
     reports,
@@ -193,7 +193,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
       workdir: run directory (resumed when it holds checkpoints).
       fit: train (resuming) before evaluating; False evaluates saved models.
     """
-    default_config.validate(config)  # a bad value fails before any work
+    config_checks.validate(config)  # a bad value fails before any work
     if not fit and not os.path.isdir(workdir):
         raise checkpointing.NoCheckpointError(
             f"Workdir {workdir} does not exist: nothing to evaluate; train first "

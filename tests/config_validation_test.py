@@ -1,10 +1,10 @@
-"""`default_config.validate`: each bad value is named before any work starts."""
+"""`config_checks.validate`: each bad value is named before any work starts."""
 
 import re
 
 import pytest
 
-from recontrast_jax import default_config
+from recontrast_jax import config_checks, default_config
 
 
 @pytest.mark.parametrize(
@@ -25,16 +25,16 @@ def test_bad_value_is_named(field, value, expected):
     config = default_config.get_config()
     group, _, key = field.rpartition(".")
     (config[group] if group else config)[key] = value
-    with pytest.raises(default_config.ConfigError, match=re.escape(expected)):
-        default_config.validate(config)
+    with pytest.raises(config_checks.ConfigError, match=re.escape(expected)):
+        config_checks.validate(config)
 
 
 def test_crop_larger_than_the_resize_is_named():
     config = default_config.get_config()
     config.data.image_size, config.data.crop_size = 64, 96
-    with pytest.raises(default_config.ConfigError, match="crop_size=96 is larger"):
-        default_config.validate(config)
+    with pytest.raises(config_checks.ConfigError, match="crop_size=96 is larger"):
+        config_checks.validate(config)
 
 
 def test_the_defaults_are_valid():
-    default_config.validate(default_config.get_config())
+    config_checks.validate(default_config.get_config())
