@@ -11,8 +11,8 @@ import ml_collections
 
 from recontrast_jax import anomaly_maps, default_config, thresholds
 from recontrast_jax.data import sources
-from recontrast_jax.methods import lookup
-from recontrast_jax.models import backbones
+from recontrast_jax.methods import lookup, patchcore
+from recontrast_jax.models import backbones, de_resnet
 
 
 class ConfigError(ValueError):
@@ -32,10 +32,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "data.resize": default_config.RESIZE_MODES,
         "data.mask_rule": default_config.MASK_RULES,
         "model.arch": tuple(backbones.known_archs()),
-        "model.decoder_activation": ("relu", "gelu"),
+        "model.decoder_activation": tuple(de_resnet.ACTIVATIONS),
         "eval.score_rule": anomaly_maps.SCORE_RULES,
         "eval.map_rule": anomaly_maps.MAP_RULES,
-        "patchcore.distance": ("euclidean", "squared"),
+        "patchcore.distance": patchcore.DISTANCES,
         "threshold.rule": thresholds.RULES,
     }
     for field, allowed in choices.items():

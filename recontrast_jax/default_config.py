@@ -295,10 +295,6 @@ def use_multiclass_protocol(
     config.optimizer.amsgrad = True
     config.optimizer.lr_milestones = (int(0.8 * steps),)
     config.optimizer.lr_gamma = 0.2
-    # Stable scripts: the bottleneck + decoder group's state restarts every N
-    # updates (0: never), and the encoder group then pauses for M updates.
-    config.optimizer.reset_decoder_every = 0
-    config.optimizer.encoder_pause_after_reset = 0
     config.train.steps = steps
     config.train.batch_size = 16
     config.train.drop_last = True

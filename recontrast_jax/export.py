@@ -34,7 +34,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from PIL import Image
 
 from recontrast_jax import parallel, reports, run, thresholds
 from recontrast_jax.data import sources
@@ -98,11 +97,10 @@ def preprocess_for_export(
         raise ValueError(
             "preprocess_for_export with resize='shorter_side' needs crop_size"
         )
-    height, width = input_pipeline.resized_shape(*image.shape[:2], image_size, resize)
+    resized = input_pipeline.resize_uint8(image, image_size, resize)
     inner = input_pipeline.center_crop_offsets(image_size, crop_size)
-    top = input_pipeline.center_crop_offsets(height, crop_size) - inner
-    left = input_pipeline.center_crop_offsets(width, crop_size) - inner
-    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    top = input_pipeline.center_crop_offsets(resized.shape[0], crop_size) - inner
+    left = input_pipeline.center_crop_offsets(resized.shape[1], crop_size) - inner
     return resized[top : top + image_size, left : left + image_size]
 
 

@@ -138,17 +138,17 @@ def run_category(
             score(model, files.test), config.eval.pixel_metrics
         )
 
-    start = time.perf_counter()
     if shared is not None:
         model, info, fit_seconds = shared[0], dict(shared[1]), shared[2]
-    elif fit:
-        model, info = method.fit(
-            config, workdir, category, train_samples, mesh, writer, test_metrics
-        )
     else:
-        name = model_name(config, category)
-        model, info = method.restore(config, workdir, name, mesh), {}
-    if shared is None:
+        start = time.perf_counter()
+        if fit:
+            model, info = method.fit(
+                config, workdir, category, train_samples, mesh, writer, test_metrics
+            )
+        else:
+            name = model_name(config, category)
+            model, info = method.restore(config, workdir, name, mesh), {}
         fit_seconds = time.perf_counter() - start
     # The normal images first: they compile predict_fn, so the test split's
     # time below is inference alone (input pipeline included).

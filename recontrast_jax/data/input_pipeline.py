@@ -121,12 +121,17 @@ def resize_and_crop_uint8(
     Returns:
       uint8 array (crop_size, crop_size[, 3]).
     """
+    resized = resize_uint8(image_uint8, image_size, resize)
+    top = center_crop_offsets(resized.shape[0], crop_size)
+    left = center_crop_offsets(resized.shape[1], crop_size)
+    return resized[top : top + crop_size, left : left + crop_size]
+
+
+def resize_uint8(image_uint8: np.ndarray, image_size: int, resize: str) -> np.ndarray:
+    """PIL bilinear (antialiased) resize to `resized_shape`, uncropped."""
     image = np.asarray(image_uint8, np.uint8)
     height, width = resized_shape(*image.shape[:2], image_size, resize)
-    top = center_crop_offsets(height, crop_size)
-    left = center_crop_offsets(width, crop_size)
-    resized = Image.fromarray(image).resize((width, height), Image.BILINEAR)
-    return np.asarray(resized)[top : top + crop_size, left : left + crop_size]
+    return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
 def normalize_uint8(image_uint8: np.ndarray) -> np.ndarray:

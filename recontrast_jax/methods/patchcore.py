@@ -44,6 +44,7 @@ from recontrast_jax.data import input_pipeline
 from recontrast_jax.methods import memory_bank
 from recontrast_jax.models import backbones, reconpatch
 
+DISTANCES = ("euclidean", "squared")  # patchcore.distance
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimate of a normal's std
 IDENTITY_NORMALIZATION = (0.0, 1.0, 0.0, 1.0)  # image median, MAD; pixel median, MAD
 
@@ -76,9 +77,7 @@ def feature_settings(config: ml_collections.ConfigDict, arch: str) -> FeatureSet
 
 def distance_is_squared(distance: str) -> bool:
     """`patchcore.distance`: 'euclidean' or 'squared' (faiss IndexFlatL2's)."""
-    input_pipeline.check_choice(
-        "patchcore.distance", distance, ("euclidean", "squared")
-    )
+    input_pipeline.check_choice("patchcore.distance", distance, DISTANCES)
     return distance == "squared"
 
 
