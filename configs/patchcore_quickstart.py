@@ -12,5 +12,5 @@ from recontrast_jax import default_config
 
 def get_config():
     config = default_config.embedded_memory_bank_config("patchcore")
-    config.report.title = "PatchCore quickstart (embedded dataset, random init)"
+    config.report.title = "PatchCore, quickstart config"
     return config

@@ -30,5 +30,5 @@ def get_config():
     config.train.log_every = 10
     config.eval.every = 500
     config.eval.batch_size = 16
-    config.report.title = "ReContrast quickstart (embedded dataset, random init)"
+    config.report.title = "ReContrast, quickstart config"
     return config

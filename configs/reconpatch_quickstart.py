@@ -21,5 +21,5 @@ def get_config():
     config.reconpatch.lr = 1e-3
     config.checkpoint.every = 100
     config.train.log_every = 20
-    config.report.title = "ReConPatch quickstart (embedded dataset, random init)"
+    config.report.title = "ReConPatch, quickstart config"
     return config

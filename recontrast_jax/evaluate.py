@@ -13,7 +13,7 @@ import dataclasses
 import ml_collections
 import numpy as np
 
-from recontrast_jax import metrics, parallel
+from recontrast_jax import console, metrics, parallel
 from recontrast_jax.data import input_pipeline
 
 
@@ -36,12 +36,12 @@ def denormalize(images: np.ndarray) -> np.ndarray:
 
 
 def evaluate_split(
-    predict_fn, model, samples, config: ml_collections.ConfigDict, mesh
+    predict_fn, model, samples, config: ml_collections.ConfigDict, mesh, desc=None
 ) -> SplitResult:
     """Runs `predict_fn(model, images)` over every sample exactly once.
 
     `model` is a method's model, replicated over the mesh (any number of
-    processes).
+    processes); `desc` names a progress bar (none without it).
     """
 
     def score_batch(local_images):
@@ -49,11 +49,11 @@ def evaluate_split(
             model, parallel.global_batch(mesh, {"image": local_images})["image"]
         )
 
-    return score_split(score_batch, samples, config, mesh)
+    return score_split(score_batch, samples, config, mesh, desc)
 
 
 def score_split(
-    score_batch, samples, config: ml_collections.ConfigDict, mesh
+    score_batch, samples, config: ml_collections.ConfigDict, mesh, desc=None
 ) -> SplitResult:
     """Every sample once, in order, on one or many processes.
 
@@ -68,6 +68,7 @@ def score_split(
       samples: the samples to score (the same list on every process).
       config: reads `eval.batch_size`, `data.image_size`, `data.crop_size`.
       mesh: the data mesh.
+      desc: names the progress bar; None shows none.
 
     Returns:
       Maps and scores with masks, labels and the de-normalised images; padding
@@ -79,15 +80,22 @@ def score_split(
         **input_pipeline.eval_transform(config.data),
     )
     parts = {k: [] for k in ("maps", "scores", "masks", "labels", "images")}
+    bar = console.progress_bar(
+        len(samples), desc or "", "img", leave=False, disable=desc is None
+    )
+    compiling = console.FirstCallNote(bar, "the first batch compiles")
     for batch in input_pipeline.iterate_numpy(dataset):
         maps, scores = score_batch(parallel.process_part(mesh, batch["image"]))
         valid = batch["valid"]
+        compiling.done()
+        bar.update(int(np.sum(valid)))
         rows = len(valid)  # rows past it pad the batch to the mesh size
         parts["maps"].append(parallel.to_host(maps)[:rows][valid])
         parts["scores"].append(parallel.to_host(scores)[:rows][valid])
         parts["masks"].append(batch["mask"][valid])
         parts["labels"].append(batch["label"][valid])
         parts["images"].append(denormalize(batch["image"][valid]))
+    bar.close()
     return SplitResult(**{k: np.concatenate(v) for k, v in parts.items()})
 
 

@@ -143,9 +143,7 @@ def main(argv):
 
 def report(summary: dict, workdir: str) -> None:
     """Prints the mean metrics and where the results are."""
-    mean = summary["mean"]
-    shown = [k for k in reports.REPORTED_METRICS if k in mean]
-    print("mean over categories: " + ", ".join(f"{k}={mean[k]:.4f}" for k in shown))
+    print("mean over categories: " + reports.metrics_line(summary["mean"]))
     print(f"results: {workdir}/results.md, metrics: {workdir}/metrics.json")
 
 

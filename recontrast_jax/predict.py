@@ -6,7 +6,9 @@ every image under DIR (recursively, any format PIL reads) like the test images,
 and writes to `<workdir>/predictions/<category>/`:
   - `predictions.csv`: path, score, normalized_score (threshold -> 0.5),
     decision (1 = anomalous), anomalous_pixel_fraction (map >= pixel threshold);
-  - `summary.json`: the thresholds and the rule that chose them;
+  - `summary.json`: the thresholds and the rule that chose them (with a note
+    when the calibration set was small), and the images that could not be
+    read (`skipped`: path and error; they are left out, not scored);
   - one image | predicted mask | map | overlay PNG per image, on a fixed colour
     scale (normal pixels blue, the pixel threshold in the middle), and an
     `index.html` gallery, most anomalous first.
@@ -20,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import evaluate, parallel, reports, run, thresholds
+from recontrast_jax import console, evaluate, parallel, reports, run, thresholds
 from recontrast_jax.data import folder, sources
 from recontrast_jax.methods import lookup
 
@@ -40,24 +42,55 @@ def list_images(directory: str) -> list[str]:
     return paths
 
 
+def readable_images(paths: list[str]) -> tuple[list[str], list[dict]]:
+    """(the images PIL can decode, {'path', 'error'} of the others).
+
+    Unlike training and evaluation, which stop at a bad dataset image, predict
+    scores what it can: a folder of field images may hold a truncated upload.
+    """
+    good, skipped = [], []
+    for path in paths:
+        try:
+            folder.load_rgb(path)
+        except folder.DatasetError as e:
+            console.say(f"warning: skipping {e}")
+            skipped.append({"path": path, "error": str(e)})
+        else:
+            good.append(path)
+    if not good:
+        raise folder.DatasetError(
+            f"none of the {len(paths)} images can be read (each is named above)"
+        )
+    return good, skipped
+
+
 def predict_category(
-    config: ml_collections.ConfigDict, workdir: str, category: str
+    config: ml_collections.ConfigDict, workdir: str, category: str, paths, skipped
 ) -> str:
-    """Scores `config.predict.input` with the model of `category`; returns the output dir."""
-    paths = list_images(config.predict.input)
+    """Scores `paths` with the model of `category`; returns the output dir."""
     samples = [folder.Sample(p, None, 0, "unknown") for p in paths]
     result = score_samples(config, workdir, category, samples)
     calibration = (
         {} if config.threshold.rule == "fixed" else thresholds.load(workdir, category)
     )
     chosen = thresholds.choose(calibration, config.threshold)
+    run.say_threshold(category, chosen)
     output = config.predict.output or os.path.join(workdir, "predictions", category)
     rows = prediction_rows(paths, config.predict.input, result, chosen)
+    relative = [
+        {**s, "path": os.path.relpath(s["path"], config.predict.input)} for s in skipped
+    ]
     if jax.process_index() == 0:
+        reports.remove_stale_temporaries(output)
         reports.write_predictions(
             output, category, rows, result, chosen, calibration,
-            config.predict.num_heatmaps,
+            config.predict.num_heatmaps, relative,
         )  # fmt: skip
+    flagged = sum(r["decision"] for r in rows)
+    console.say(
+        f"{category}: {len(rows)} images scored, {flagged} anomalous, "
+        f"{len(skipped)} unreadable skipped"
+    )
     return output
 
 
@@ -90,9 +123,10 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Predict mode: every configured category's model scores the input folder."""
     if not config.predict.input:
         raise folder.DatasetError("set --config.predict.input to a folder of images")
+    paths, skipped = readable_images(list_images(config.predict.input))
     outputs = []
     for category in sources.category_names(config):
-        outputs.append(predict_category(config, workdir, category))
+        outputs.append(predict_category(config, workdir, category, paths, skipped))
         if jax.process_index() == 0:
             print(f"{category}: {outputs[-1]}/predictions.csv")
     return outputs

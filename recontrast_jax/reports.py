@@ -17,7 +17,9 @@ import io
 import json
 import math
 import os
+import re
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -81,6 +83,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.unlink(tmp_name)
         raise
     _fsync_directory(path.parent)
+
+
+# `atomic_write_bytes`'s temporary names: '.<name>.<8 random chars>.tmp'.
+_TEMPORARY_NAME = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
+STALE_TEMPORARY_SECONDS = 60.0  # no atomic write stays open this long
+
+
+def remove_stale_temporaries(directory: str | os.PathLike) -> int:
+    """Deletes the temporary files that killed atomic writes left; returns how many.
+
+    Only this module's temporary names older than a minute are touched (a live
+    writer's file is younger), and never under `checkpoints/` (Orbax's own).
+    """
+    removed = 0
+    cutoff = time.time() - STALE_TEMPORARY_SECONDS
+    for root, dirs, names in os.walk(directory):
+        dirs[:] = [d for d in dirs if d != "checkpoints"]
+        for name in names:
+            path = os.path.join(root, name)
+            if _TEMPORARY_NAME.match(name) and os.path.getmtime(path) < cutoff:
+                os.unlink(path)
+                removed += 1
+    return removed
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -691,6 +716,8 @@ REPORTED_METRICS = (
     "aupro_recontrast_per_image",
     "pixel_ap",
     "image_f1_max",
+    "anomalous_flagged",  # at the chosen image threshold (run.flagged_rates)
+    "normal_flagged",
 )
 
 
@@ -804,14 +831,25 @@ def summarize(results: Mapping[str, Mapping[str, float]]) -> dict:
 
 
 def write_results(
-    workdir: str, results: Mapping[str, Mapping[str, float]], title: str
+    workdir: str,
+    results: Mapping[str, Mapping[str, float]],
+    title: str,
+    notes: Sequence[str] = (),
 ) -> None:
-    """Writes metrics.json and results.md atomically."""
+    """Writes metrics.json and results.md (the table, then `notes`) atomically."""
     atomic_write_json(os.path.join(workdir, "metrics.json"), summarize(results))
     present = {k for r in results.values() for k in r}
     names = [k for k in REPORTED_METRICS if k in present] or sorted(present)
-    table = results_markdown(results, names, title)
-    atomic_write_text(os.path.join(workdir, "results.md"), table)
+    text = results_markdown(results, names, title)
+    if notes:
+        text += "\n" + "\n\n".join(notes) + "\n"
+    atomic_write_text(os.path.join(workdir, "results.md"), text)
+
+
+def metrics_line(metrics: Mapping[str, float]) -> str:
+    """The reported metrics present in `metrics`, as 'name=0.1234, ...'."""
+    shown = [k for k in REPORTED_METRICS if k in metrics]
+    return ", ".join(f"{k}={metrics[k]:.4f}" for k in shown)
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
@@ -836,14 +874,16 @@ def prediction_colour_scale(
 
 
 def write_predictions(
-    output: str, category: str, rows: list[dict], result, chosen, calibration, count
-) -> None:
+    output: str, category: str, rows: list[dict], result, chosen, calibration, count,
+    skipped: Sequence[dict] = (),
+) -> None:  # fmt: skip
     """predictions.csv, summary.json, the most anomalous panels and their gallery."""
     write_csv(os.path.join(output, "predictions.csv"), rows)
     atomic_write_json(
         os.path.join(output, "summary.json"),
         {"category": category, "thresholds": chosen, "images": len(rows),
-         "anomalous": int(sum(r["decision"] for r in rows))},
+         "anomalous": int(sum(r["decision"] for r in rows)),
+         "skipped": list(skipped)},
     )  # fmt: skip
     vmin, vmax = prediction_colour_scale(chosen, calibration, result.maps)
     entries = []

@@ -23,6 +23,7 @@ import numpy as np
 from recontrast_jax import (
     checkpointing,
     config_checks,
+    console,
     evaluate,
     parallel,
     reports,
@@ -130,12 +131,13 @@ def run_category(
     writer = reports.MetricWriter(os.path.join(workdir, "tensorboard", category))
     predict_fn = method.compile_predict(config, mesh)
 
-    def score(model, samples):
-        return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)
+    def score(model, samples, desc=None):
+        return evaluate.evaluate_split(predict_fn, model, samples, config, mesh, desc)
 
     def test_metrics(model):
         return evaluate.compute_metrics(
-            score(model, files.test), config.eval.pixel_metrics
+            score(model, files.test, f"{category} evaluation"),
+            config.eval.pixel_metrics,
         )
 
     if shared is not None:
@@ -149,12 +151,16 @@ def run_category(
         else:
             name = model_name(config, category)
             model, info = method.restore(config, workdir, name, mesh), {}
+            console.say(
+                f"{category}: restored {restored_what(method, model)}, evaluating"
+            )
         fit_seconds = time.perf_counter() - start
     # The normal images first: they compile predict_fn, so the test split's
     # time below is inference alone (input pipeline included).
-    normal = score(model, held_out or train_samples)
+    source = "held-out" if held_out else "training (in-sample)"
+    normal = score(model, held_out or train_samples, f"{category} {source} normals")
     start = time.perf_counter()
-    result = score(model, files.test)
+    result = score(model, files.test, f"{category} test")
     test_seconds = time.perf_counter() - start
     metrics = evaluate.compute_metrics(result, config.eval.pixel_metrics)
     step = method.model_step(model)
@@ -162,19 +168,21 @@ def run_category(
         info.setdefault("steps", float(step))
     writer.scalars(step or 0, {f"eval/{k}": v for k, v in metrics.items()})
     start = time.perf_counter()
-    source = "held-out" if held_out else "training (in-sample)"
     calibration = thresholds.calibration(
         normal, source, result, config.eval.pixel_metrics
     )
     calibration["step"] = step
+    chosen = thresholds.choose_or_fixed(calibration, config.threshold)
+    metrics.update(flagged_rates(result, chosen["image"]))
+    say_threshold(category, chosen)
     if jax.process_index() == 0:
         thresholds.save(workdir, category, calibration)
-        chosen = thresholds.choose_or_fixed(calibration, config.threshold)
         report = reports.CategoryReport(
             category, result, test_names(files), chosen, step or 0
         )
         reports.write_category(report, workdir, config.report.num_heatmaps, writer)
     writer.close()
+    console.say(f"{category}: " + reports.metrics_line(metrics))
     return {
         **metrics,
         "train_seconds": round(fit_seconds, 2),  # unless the method timed it itself
@@ -183,6 +191,31 @@ def run_category(
         "test_images_per_second": round(len(files.test) / max(test_seconds, 1e-9), 2),
         "report_seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def restored_what(method, model) -> str:
+    """'step N' of a trained model, else 'the fitted model' (memory banks)."""
+    step = method.model_step(model)
+    return f"step {step}" if step is not None else "the fitted model"
+
+
+def flagged_rates(result: evaluate.SplitResult, image_threshold: float) -> dict:
+    """Shares of the anomalous and of the normal test images at the threshold."""
+    flagged = np.asarray(result.scores) >= image_threshold
+    labels = np.asarray(result.labels).astype(bool)
+    rates = {}
+    if labels.any():
+        rates["anomalous_flagged"] = float(flagged[labels].mean())
+    if (~labels).any():
+        rates["normal_flagged"] = float(flagged[~labels].mean())
+    return rates
+
+
+def say_threshold(category: str, chosen: dict) -> None:
+    """The image threshold, its rule and any warning about it, on the console."""
+    console.say(f"{category}: image threshold {chosen['image']:.4g} = {chosen['rule']}")
+    if "note" in chosen:
+        console.say(f"{category}: note: {chosen['note']}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> dict:
@@ -201,11 +234,16 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
         )
     prepare_workdir(workdir)
     if jax.process_index() == 0:
+        removed = reports.remove_stale_temporaries(workdir)
+        if removed:
+            console.say(f"removed {removed} temporary files of an interrupted run")
         reports.atomic_write_text(
             os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2)
         )
     mesh = parallel.make_mesh()
     names = sources.category_names(config)
+    categories = "1 category" if len(names) == 1 else f"{len(names)} categories"
+    console.say(f"{config.method}: {categories} of {sources.data_description(config)}")
     shared = None
     if config.data.multiclass and fit:
         shared = fit_shared_model(config, workdir, names, mesh)
@@ -213,5 +251,19 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
     for category in names:
         results[category] = run_category(config, workdir, category, mesh, fit, shared)
         if jax.process_index() == 0:
-            reports.write_results(workdir, results, config.report.title)
+            reports.write_results(
+                workdir, results, config.report.title, results_notes(config)
+            )
     return reports.summarize(results)
+
+
+def results_notes(config: ml_collections.ConfigDict) -> list[str]:
+    """What results.md says under its title: the data, the backbone, the threshold."""
+    weights = config.model.pretrained or "random init"
+    return [
+        f"Data: {sources.data_description(config)}. "
+        f"Method: {config.method}, backbone {config.model.arch} ({weights}).",
+        "anomalous_flagged / normal_flagged: shares of the anomalous / normal test "
+        f"images at or above the image threshold ('{config.threshold.rule}' rule; "
+        "each category's rule is in its gallery and on the console).",
+    ]

@@ -5,7 +5,10 @@ At the end of training a held-out slice of the normal training images is scored
 category. `choose` turns them into image- and pixel-level thresholds by the
 configured rule:
 
-  - 'quantile': the `threshold.quantile` quantile of the normal scores;
+  - 'quantile': the `threshold.quantile` quantile of the normal scores; with
+    fewer than 1 / (1 - quantile) of them (100 for 0.99) the empirical quantile
+    is their maximum, so the image threshold is that quantile of a normal fit
+    instead, and the result carries a `note` saying so;
   - 'mean_std': mean + `threshold.k` * std of the normal scores;
   - 'fixed': `threshold.image_value` / `threshold.pixel_value`;
   - 'f1_optimal_on_test': the F1-optimal threshold on the labelled test set.
@@ -16,7 +19,9 @@ configured rule:
 from __future__ import annotations
 
 import json
+import math
 import os
+import statistics
 
 import ml_collections
 import numpy as np
@@ -124,11 +129,44 @@ def _pixel_quantile(normal: dict, q: float) -> float:
     return float(np.interp(q, stored, values))
 
 
+def images_for_quantile(q: float) -> int:
+    """The fewest scores whose empirical `q` quantile is not just their maximum.
+
+    Below 1 / (1 - q) scores (100 for 0.99) the quantile interpolates between
+    the two largest, so it says how large the sample happened to be, not where
+    the normal scores end.
+    """
+    return math.ceil(round(1.0 / (1.0 - q), 6)) if q < 1 else math.inf
+
+
+def small_set_quantile(scores: np.ndarray, q: float, where: str) -> dict:
+    """The `q` quantile of a normal distribution fitted to few scores.
+
+    mean + z_q std (z_q = 2.33 for 0.99), never below the largest score, so
+    that no calibration image is flagged; the note says why.
+    """
+    z = statistics.NormalDist().inv_cdf(q)
+    std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+    image = max(float(scores.mean() + z * std), float(scores.max()))
+    note = (
+        f"{len(scores)} calibration images are too few for an empirical {q} "
+        f"quantile (it needs {images_for_quantile(q)}): the image threshold is "
+        f"mean + {z:.2f} std of their scores, at least their maximum; hold out "
+        "more normal images (data.holdout_fraction) for a sharper threshold"
+    )
+    return {
+        "image": image,
+        "rule": f"{q} quantile of a normal fit to the scores of {where}",
+        "note": note,
+    }
+
+
 def choose(calibration: dict, cfg: ml_collections.ConfigDict) -> dict:
     """Image and pixel thresholds by the configured rule, with a description.
 
     Returns:
-      {'image': float, 'pixel': float, 'rule': str}
+      {'image': float, 'pixel': float, 'rule': str}, plus 'note' when the
+      calibration set is too small for the rule as configured.
     """
     rule = cfg.rule
     normal = calibration.get("normal")
@@ -156,9 +194,12 @@ def choose(calibration: dict, cfg: ml_collections.ConfigDict) -> dict:
     scores = np.asarray(normal["image_scores"], np.float64)
     where = f"{len(scores)} {normal['source']} normal images"
     if rule == "quantile":
+        pixel = _pixel_quantile(normal, cfg.quantile)
+        if len(scores) < images_for_quantile(cfg.quantile):
+            return {"pixel": pixel, **small_set_quantile(scores, cfg.quantile, where)}
         return {
             "image": float(np.quantile(scores, cfg.quantile)),
-            "pixel": _pixel_quantile(normal, cfg.quantile),
+            "pixel": pixel,
             "rule": f"{cfg.quantile} quantile of the scores of {where}",
         }
     if rule == "mean_std":

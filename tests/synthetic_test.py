@@ -192,3 +192,12 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path))
     expected = tmp_path / ".cache" / "recontrast_jax" / "embedded_v1"
     assert synthetic.default_cache_dir() == expected
+
+
+def test_generation_says_where_the_dataset_goes(tmp_path, capsys):
+    synthetic.ensure_embedded_dataset(tmp_path / "e", **SMALL)
+    err = capsys.readouterr().err
+    assert f"generating the embedded dataset in {tmp_path / 'e'}" in err
+    assert "$RECONTRAST_JAX_DATA" in err
+    synthetic.ensure_embedded_dataset(tmp_path / "e", **SMALL)
+    assert "generating" not in capsys.readouterr().err  # reused silently

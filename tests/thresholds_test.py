@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from recontrast_jax import default_config, thresholds
 
@@ -50,6 +51,36 @@ def test_rules_match_numpy():
     cfg.rule = "nope"
     with pytest.raises(ValueError, match="quantile"):
         thresholds.choose(cal, cfg)
+
+
+def small_calibration(scores):
+    maps = np.random.default_rng(1).gamma(1.5, 0.2, size=(len(scores), 16, 16))
+    return {"normal": thresholds.summarize_normal_scores(scores, maps, "held-out")}
+
+
+def test_quantile_of_a_small_calibration_set_is_a_normal_fit_with_a_note():
+    cfg = default_config.get_config().threshold  # 0.99 quantile
+    scores = np.array([1.0, 1.2, 0.9, 1.1, 1.05, 0.95])
+    chosen = thresholds.choose(small_calibration(scores), cfg)
+    z = scipy.stats.norm.ppf(0.99)
+    np.testing.assert_allclose(chosen["image"], scores.mean() + z * scores.std(ddof=1))
+    assert chosen["image"] > scores.max()  # the empirical quantile is ~ the max
+    assert "normal fit" in chosen["rule"] and "6 held-out" in chosen["rule"]
+    assert "6 calibration images are too few" in chosen["note"]
+    assert "needs 100" in chosen["note"]
+    # A far outlier: the fit stays at least the largest score.
+    outlier = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 50.0])
+    assert thresholds.choose(small_calibration(outlier), cfg)["image"] == 50.0
+
+
+def test_quantile_with_enough_calibration_images_is_empirical():
+    cfg = default_config.get_config().threshold
+    scores = np.random.default_rng(3).gamma(2.0, 1.0, size=100)
+    chosen = thresholds.choose(small_calibration(scores), cfg)
+    np.testing.assert_allclose(chosen["image"], np.quantile(scores, 0.99))
+    assert "note" not in chosen
+    assert thresholds.images_for_quantile(0.99) == 100
+    assert thresholds.images_for_quantile(0.95) == 20
 
 
 def test_pixel_quantile_interpolates_between_stored_quantiles():

@@ -13,11 +13,13 @@ Sources (`config.data.source`):
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
 import ml_collections
 
+from recontrast_jax import console
 from recontrast_jax.data import folder, synthetic
 
 SOURCES = ("embedded", "folder", "medical_folder", "tfds")
@@ -67,6 +69,7 @@ def category_files(
     source = config.data.source
     if source == "embedded":
         root = synthetic.ensure_embedded_dataset(config.data.root or None)
+        say_once(f"embedded dataset: {root}")
         return folder.scan_category(root, category)
     if source == "folder":
         return folder.scan_category(_root(config), category)
@@ -80,6 +83,22 @@ def category_files(
             config.data.tfds_manual_dir or None,
         )
     raise _unknown_source(source)
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    """A console line shown once per process, however often it is reached."""
+    console.say(message)
+
+
+def data_description(config: ml_collections.ConfigDict) -> str:
+    """Where the run's images come from, in words (results.md, the console)."""
+    data = config.data
+    if data.source == "embedded":
+        return f"the embedded dataset in {data.root or synthetic.default_cache_dir()}"
+    if data.source == "tfds":
+        return f"the TFDS builder {data.tfds_name}"
+    return f"the {data.source.replace('_', ' ')} {data.root}"
 
 
 def _root(config: ml_collections.ConfigDict) -> str:

@@ -29,6 +29,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from recontrast_jax import console
 from recontrast_jax.data.folder import DatasetError
 
 CATEGORIES = ("brick", "grass", "gravel")
@@ -432,6 +433,10 @@ def ensure_embedded_dataset(
         _check_replaceable(root)
         if locked:
             _remove_leftovers(root)
+        console.say(
+            f"generating the embedded dataset in {root} (once; set "
+            "$RECONTRAST_JAX_DATA or data.root to put it elsewhere)"
+        )
         tmp = pathlib.Path(
             tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent)
         )

@@ -36,6 +36,7 @@ from absl import logging
 from recontrast_jax import (
     anomaly_maps,
     checkpointing,
+    console,
     evaluate,
     parallel,
     pretrained,
@@ -304,33 +305,40 @@ HeadTrainer = Callable[..., tuple[dict, dict]]
 
 
 def fit_model(
-    config, arch, train_samples, ckpt, mesh, ensemble: bool, writer, train_head=None
-):
+    config, arch, train_samples, ckpt, mesh, ensemble: bool, writer, train_head=None,
+    label: str = "",
+):  # fmt: skip
     """Fits (or restores) one backbone's model; returns (host model, info).
 
     Args:
+      label: what the console lines and bars name (the category, and the
+        backbone in an ensemble); default the backbone.
       train_head: None for PatchCore (the bank holds the raw features);
         ReConPatch passes `train_head(config, pool, mesh, ckpt, writer, desc)
         -> (head, scalars)`, and the bank then holds f(p).
     """
+    label = label or arch
     existing = saved_model(ckpt)
     if existing is not None:
-        logging.info("%s: using the fitted model in %s", arch, ckpt.directory)
+        console.say(f"{label}: using the fitted model in {ckpt.directory}")
         return existing, {"restored": 1.0}
     start = time.perf_counter()
     settings = feature_settings(config, arch)
     init_key, coreset_key = jax.random.split(jax.random.key(config.seed))
     encoder = encoder_variables(config, arch, init_key)
+    console.say(f"{label}: {arch} patch features of {len(train_samples)} images")
     pool = extract_pool(encoder, train_samples, config, settings)
     info: dict = {"train_patches": float(len(pool))}
     head: dict = {}
     if train_head is not None:
         head, scalars = train_head(
-            config, pool, mesh, ckpt, writer, f"{config.method} {arch}"
+            config, pool, mesh, ckpt, writer, f"{label} {config.method}"
         )
         info.update({f"train_{k}": v for k, v in scalars.items()})
         pool = represent_pool(head, pool)
-    bank = build_bank(pool, config.patchcore.coreset_ratio, coreset_key)
+    ratio = config.patchcore.coreset_ratio
+    console.say(f"{label}: coreset of {ratio:g} of {len(pool)} patches")
+    bank = build_bank(pool, ratio, coreset_key)
     model = {
         "encoder": jax.device_get(encoder),
         "head": head,
@@ -366,9 +374,11 @@ def fit(
     for arch in archs:
         directory = model_dir(workdir, category, arch, len(archs) > 1)
         ckpt = checkpointing.manager(directory, config.checkpoint.max_to_keep)
+        label = f"{category} {arch}" if len(archs) > 1 else category
         model, model_info = fit_model(
-            config, arch, train_samples, ckpt, mesh, len(archs) > 1, writer, train_head
-        )
+            config, arch, train_samples, ckpt, mesh, len(archs) > 1, writer,
+            train_head, label,
+        )  # fmt: skip
         models.append(model)
         info.update(model_info)
     return parallel.replicate(mesh, models), info

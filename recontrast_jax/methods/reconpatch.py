@@ -32,10 +32,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import tqdm
-from absl import logging
 
-from recontrast_jax import checkpointing, parallel
+from recontrast_jax import checkpointing, console, parallel
 from recontrast_jax.methods import adamp, patchcore, reconpatch_loss
 from recontrast_jax.models import reconpatch
 
@@ -209,15 +207,13 @@ def train_modulation(
     restored = checkpointing.restore_latest(ckpt, {"modulation": state})
     if restored is not None:
         state = restored["modulation"]
-        logging.info("%s: resuming at step %d", desc, int(state.step))
+        console.say(f"{desc}: resuming at step {int(state.step)} of {total}")
     step_fn = compile_train_step(cfg, tx, mesh)
     step = int(jax.device_get(state.step))
     scalars: dict = {}
     order_epoch, order = -1, None
-    with tqdm.tqdm(
-        total=total, initial=step, desc=desc, unit="step", dynamic_ncols=True,
-        disable=jax.process_index() != 0,
-    ) as bar:  # fmt: skip
+    with console.progress_bar(total, desc, "step", initial=step) as bar:
+        compiling = console.FirstCallNote(bar, "compiling the train step")
         while step < total:
             epoch, index = divmod(step, per_epoch)
             if epoch != order_epoch:
@@ -226,6 +222,7 @@ def train_modulation(
             sharded = parallel.global_batch(mesh, {"patches": patches})["patches"]
             state, metrics = step_fn(state, sharded)
             step += 1
+            compiling.done()
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -21,10 +21,8 @@ from collections.abc import Callable
 import jax
 import ml_collections
 import numpy as np
-import tqdm
-from absl import logging
 
-from recontrast_jax import checkpointing, parallel
+from recontrast_jax import checkpointing, console, parallel
 from recontrast_jax.data import input_pipeline
 from recontrast_jax.methods import torch_adamw
 from recontrast_jax.methods.recontrast_steps import (  # noqa: F401 (the method surface)
@@ -262,24 +260,19 @@ def run_training(
     cache = frozen_feature_cache(config, state, train_samples, mesh) if cached else None
     step_fn = batch_step(step_fn, cache)
     throughput = Throughput()
-    bar = tqdm.tqdm(
-        total=total,
-        initial=step,
-        desc=f"{category} train",
-        unit="step",
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
+    bar = console.progress_bar(total, f"{category} train", "step", initial=step)
     # Deterministic batches: resuming at `step` skips the batches already used.
     dataset = training_dataset(config, train_samples, start_batch=step)
     if step:
-        logging.info("%s: resuming from step %d", category, step)
+        console.say(f"{category}: resuming from step {step} of {total}")
     with bar:
+        compiling = console.FirstCallNote(bar, "compiling the train step")
         batches = input_pipeline.iterate_numpy(dataset)
         for batch in parallel.prefetch_to_device(mesh, batches):
             state, step_metrics = step_fn(state, batch)
             step += 1
             throughput.add(batch["image"].shape[0])
+            compiling.done()
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
                 scalars = host_scalars(step_metrics)
