@@ -15,6 +15,7 @@ import ast
 import logging as std_logging
 import re
 import sys
+import traceback
 
 import jax
 from absl import app, flags, logging
@@ -101,11 +102,9 @@ def main(argv):
         config = FLAGS.config
         config_checks.validate(config)
     except config_checks.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     except (AttributeError, OSError, KeyError, TypeError, ValueError) as e:
-        print(f"error: {config_load_error(e)}", file=sys.stderr)
-        sys.exit(1)
+        fail(config_load_error(e))
     try:  # before anything touches a device
         distributed.initialize(
             FLAGS.coordinator_address,
@@ -114,8 +113,7 @@ def main(argv):
             FLAGS.distributed,
         )
     except distributed.DistributedSetupError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
     logging.info(
         "JAX %s: process %d/%d, %d local / %d global devices (%s)",
         jax.__version__,
@@ -137,8 +135,15 @@ def main(argv):
         else:
             raise ValueError(f"Unknown config.mode {config.mode!r}: use {MODES}.")
     except (folder.DatasetError, run.WorkdirError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e))
+
+
+def fail(message: str) -> None:
+    """One `error:` line and exit status 1; the traceback too at --verbosity=1."""
+    if logging.get_verbosity() >= logging.DEBUG:
+        traceback.print_exc()
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 def report(summary: dict, workdir: str) -> None:

@@ -84,6 +84,15 @@ def test_crop_larger_than_image_fails_before_any_work(tmp_path):
     assert not work.exists()
 
 
+def test_verbosity_1_adds_the_traceback(tmp_path):
+    proc = run_main(
+        f"--workdir={tmp_path / 'work'}", "--config.data.image_size=64", "--verbosity=1"
+    )
+    assert proc.returncode == 1
+    assert "Traceback" in proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("error: ")
+
+
 def test_badly_typed_override_is_one_line(tmp_path):
     line = one_error_line(run_main(f"--workdir={tmp_path}", "--config.train.steps=abc"))
     assert "--config.train.steps=abc" in line
