@@ -203,12 +203,27 @@ def distance_maps(
 MAP_RULES = ("sum", "mean_conv5")
 
 
+def replace_border(maps: jax.Array, width: int) -> jax.Array:
+    """Each of the outer `width` rows and columns replaced by the nearest inner one.
+
+    Args:
+      maps: (B, H, W) array.
+      width: static; 0 returns `maps` unchanged.
+    """
+    if width == 0:
+        return maps
+    rows = np.clip(np.arange(maps.shape[1]), width, maps.shape[1] - 1 - width)
+    cols = np.clip(np.arange(maps.shape[2]), width, maps.shape[2] - 1 - width)
+    return maps[:, rows][:, :, cols]
+
+
 def anomaly_map(
     encoder_features: Sequence[jax.Array],
     decoder_features: Sequence[jax.Array],
     out_hw: tuple[int, int],
     sigma: float = 4.0,
     rule: str = "sum",
+    border: int = 0,
 ) -> jax.Array:
     """Blurred anomaly map of the feature pairs.
 
@@ -220,6 +235,8 @@ def anomaly_map(
       rule: 'sum': ``gaussian_blur(distance_maps(...), sigma)`` (``evaluation``,
         spec 4.1); 'mean_conv5': the mean over the pairs blurred by
         `gaussian_conv5` (the multi-class ``evaluation_batch``, spec 4.3).
+      border: static; the unblurred map's outer `border` pixels are replaced
+        by the nearest inner ones (`replace_border`; 0 = the reference).
 
     Returns:
       (B, H, W) float32 array.
@@ -228,7 +245,9 @@ def anomaly_map(
         raise ValueError(
             f"eval.map_rule must be one of {', '.join(MAP_RULES)}; got {rule!r}"
         )
-    total = distance_maps(encoder_features, decoder_features, out_hw)
+    total = replace_border(
+        distance_maps(encoder_features, decoder_features, out_hw), border
+    )
     if rule == "sum":
         return gaussian_blur(total, sigma)
     return gaussian_conv5(total / len(encoder_features), sigma)

@@ -59,6 +59,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.data.holdout_fraction={config.data.holdout_fraction} must be "
             "in [0, 1)"
         )
+    side = config.data.crop_size
+    if not 0 <= config.eval.border < side // 2:
+        raise ConfigError(
+            f"config.eval.border={config.eval.border} must be in [0, {side // 2}) "
+            f"for config.data.crop_size={side}"
+        )
     if not 0.0 <= config.eval.max_ratio <= 1.0:
         raise ConfigError(
             f"config.eval.max_ratio={config.eval.max_ratio} must be in [0, 1]"

@@ -111,6 +111,10 @@ def get_config() -> ml_collections.ConfigDict:
     # ReContrast's map: 'sum' of the six cosine maps, scipy Gaussian (spec 4.1);
     # 'mean_conv5': their mean and a 5x5 zero-padded Gaussian conv (spec 4.3).
     config.eval.map_rule = "sum"
+    # ReContrast: > 0 replaces the map's outer `border` pixels by the nearest
+    # inner ones before the blur (zero padding makes the edges of small images
+    # hot on normal images too); 0, the papers' setting, keeps them.
+    config.eval.border = 0
 
     # PatchCore (config.method = 'patchcore'); spec reconpatch.md section 1.
     config.patchcore = ml_collections.ConfigDict()

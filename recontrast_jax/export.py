@@ -171,6 +171,7 @@ def _metadata(config: ml_collections.ConfigDict, extra: Mapping[str, Any] | None
         "score_rule": str(config.eval.score_rule),
         "sigma": float(config.eval.sigma),
         "max_ratio": float(config.eval.max_ratio),
+        "border": int(config.eval.border),
         "input": INPUT_DESCRIPTION,
         "jax_version": jax.__version__,
     }

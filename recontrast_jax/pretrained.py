@@ -396,6 +396,31 @@ def offline_instructions(arch: str, error: Exception) -> str:
     )
 
 
+# Encoders pretrained without a download (`offline_pretrain.py` writes them).
+OFFLINE_WEIGHTS = {
+    "resnet_tiny": os.path.join(
+        os.path.dirname(__file__), "weights", "resnet_tiny_offline.msgpack"
+    ),
+}
+
+
+def offline_weights(arch: str) -> str:
+    """The shipped offline-pretrained weights file of `arch`."""
+    if arch not in OFFLINE_WEIGHTS:
+        raise PretrainedWeightsError(
+            f"model.pretrained='offline' exists only for {', '.join(OFFLINE_WEIGHTS)}, "
+            f"not {arch!r}: use 'imagenet', a weights file, or '' (random init)."
+        )
+    return OFFLINE_WEIGHTS[arch]
+
+
+def resolve_source(arch: str, source: str) -> str:
+    """The weights file that `model.pretrained` names (downloading 'imagenet')."""
+    if source == "imagenet":
+        return download_v1_weights(arch)
+    return offline_weights(arch) if source == "offline" else source
+
+
 def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variables:
     """Encoder variables from `source`: 'imagenet' (V1 download) or a file path.
 
@@ -404,14 +429,14 @@ def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variabl
 
     Args:
       arch: encoder architecture.
-      source: 'imagenet' or a path to .safetensors/.pth/.pt/.npz (torchvision
+      source: 'imagenet', 'offline' (`OFFLINE_WEIGHTS`) or a path to .safetensors/.pth/.pt/.npz (torchvision
         key names) or .msgpack (Flax variables saved with flax.serialization).
       template: the encoder's Flax variables (arrays or ShapeDtypeStructs).
 
     Returns:
       {'params': ..., 'batch_stats': ...} with the structure of `template`.
     """
-    path = download_v1_weights(arch) if source == "imagenet" else source
+    path = resolve_source(arch, source)
     if path.lower().endswith(".msgpack"):
         return _read_msgpack(path, template)
     if path.lower().endswith(".pth"):

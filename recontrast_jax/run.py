@@ -259,7 +259,11 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
 
 def results_notes(config: ml_collections.ConfigDict) -> list[str]:
     """What results.md says under its title: the data, the backbone, the threshold."""
-    weights = config.model.pretrained or "random init"
+    weights = {
+        "": "random init",
+        "imagenet": "ImageNet weights",
+        "offline": "pretrained offline on scikit-image photographs",
+    }.get(config.model.pretrained, config.model.pretrained)
     return [
         f"Data: {sources.data_description(config)}. "
         f"Method: {config.method}, backbone {config.model.arch} ({weights}).",

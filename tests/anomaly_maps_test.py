@@ -210,3 +210,24 @@ def test_functions_trace_once_under_jit():
     assert len(traces) == 1
     np.testing.assert_allclose(np.asarray(out1), 1.0, rtol=1e-6)
     np.testing.assert_allclose(np.asarray(out2), 2.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("width", [1, 3])
+def test_replace_border_is_numpy_edge_padding_of_the_interior(width):
+    maps = _rng(7).random((2, 12, 10)).astype(np.float32)
+    inner = maps[:, width:-width, width:-width]
+    expected = np.pad(inner, ((0, 0), (width, width), (width, width)), mode="edge")
+    got = np.asarray(
+        jax.jit(anomaly_maps.replace_border, static_argnums=1)(maps, width)
+    )
+    np.testing.assert_array_equal(got, expected)
+    assert anomaly_maps.replace_border(maps, 0) is maps
+
+
+def test_anomaly_map_border_is_applied_before_the_blur():
+    enc = [jnp.asarray(_rng(8).normal(size=(1, 8, 8, 4)), jnp.float32)]
+    dec = [jnp.asarray(_rng(9).normal(size=(1, 8, 8, 4)), jnp.float32)]
+    raw = np.asarray(anomaly_maps.distance_maps(enc, dec, (16, 16)))
+    padded = np.pad(raw[:, 2:-2, 2:-2], ((0, 0), (2, 2), (2, 2)), mode="edge")
+    got = np.asarray(anomaly_maps.anomaly_map(enc, dec, (16, 16), 4.0, "sum", 2))
+    np.testing.assert_allclose(got, _scipy_blur(padded), rtol=1e-5, atol=1e-6)

@@ -19,6 +19,8 @@ from recontrast_jax import config_checks, default_config
         ("train.steps", 0, "config.train.steps=0 must be >= 1"),
         ("data.holdout_fraction", 1.0, "holdout_fraction=1.0 must be in [0, 1)"),
         ("eval.max_ratio", 2.0, "config.eval.max_ratio=2.0 must be in [0, 1]"),
+        ("eval.border", 128, "config.eval.border=128 must be in [0, 128)"),
+        ("eval.border", -1, "config.eval.border=-1 must be in [0, 128)"),
     ],
 )
 def test_bad_value_is_named(field, value, expected):

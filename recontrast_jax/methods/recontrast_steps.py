@@ -288,13 +288,16 @@ def predict(
     dtype: str = "float32",
     variant: recontrast_model.Variant = recontrast_model.PAPER_VARIANT,
     map_rule: str = "sum",
+    border: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Anomaly maps (B, H, W) and image scores (B,) for normalised images.
 
     Both reconstruction directions are used: the map is the sum of the six
     cosine-distance maps, upsampled with align_corners and Gaussian-blurred
     (`map_rule` 'mean_conv5': their mean, blurred by the multi-class scripts'
-    5x5 kernel). The networks run in `dtype`; the maps are computed in float32.
+    5x5 kernel; `border` > 0 first replaces the map's edge, see
+    `anomaly_maps.replace_border`). The networks run in `dtype`; the maps are
+    computed in float32.
     """
     compute = layers.compute_dtype(dtype)
     cast = functools.partial(layers.cast_floating, dtype=compute)
@@ -307,7 +310,9 @@ def predict(
         variables, images_c, frozen_features, train=False, encoder_train=False
     )
     targets, recons = ([x.astype(jnp.float32) for x in m] for m in (targets, recons))
-    maps = anomaly_maps.anomaly_map(targets, recons, images.shape[1:3], sigma, map_rule)
+    maps = anomaly_maps.anomaly_map(
+        targets, recons, images.shape[1:3], sigma, map_rule, border
+    )
     return maps, anomaly_maps.image_scores(maps, score_rule, max_ratio)
 
 
@@ -322,6 +327,7 @@ def configured_predict(config: ml_collections.ConfigDict):
         dtype=config.model.dtype,
         variant=model_variant(config),
         map_rule=config.eval.map_rule,
+        border=int(config.eval.border),
     )
 
 
