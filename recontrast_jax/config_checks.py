@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from recontrast_jax import anomaly_maps, default_config, thresholds
+from recontrast_jax import anomaly_maps, default_config, pretrained, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup, patchcore
 from recontrast_jax.models import backbones, de_resnet
@@ -58,6 +58,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"config.data.holdout_fraction={config.data.holdout_fraction} must be "
             "in [0, 1)"
+        )
+    if (
+        config.model.pretrained == "offline"
+        and config.model.arch not in pretrained.OFFLINE_WEIGHTS
+    ):
+        raise ConfigError(
+            f"config.model.pretrained='offline' exists only for "
+            f"{', '.join(pretrained.OFFLINE_WEIGHTS)}, not config.model.arch="
+            f"{config.model.arch!r}: use 'imagenet', a weights file, or ''"
         )
     side = config.data.crop_size
     if not 0 <= config.eval.border < side // 2:

@@ -58,7 +58,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
     # Encoder weights: 'imagenet' = torchvision IMAGENET1K_V1 (downloaded from the
     # Hugging Face Hub and cached), a file path (.safetensors/.pth/.npz/.msgpack),
-    # or '' for random initialisation.
+    # 'offline' (resnet_tiny only: the weights shipped in recontrast_jax/weights/,
+    # see offline_pretrain.py), or '' for random initialisation.
     config.model.pretrained = "imagenet"
     # Compute dtype: 'bfloat16' for GPUs/TPUs (parameters, BatchNorm statistics,
     # losses and updates stay float32); 'float32' reproduces the paper.

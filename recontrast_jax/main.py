@@ -27,6 +27,7 @@ from recontrast_jax import (
     distributed,
     export,
     predict,
+    pretrained,
     reports,
     run,
 )
@@ -134,7 +135,13 @@ def main(argv):
                 print(f"exported: {directory}")
         else:
             raise ValueError(f"Unknown config.mode {config.mode!r}: use {MODES}.")
-    except (folder.DatasetError, run.WorkdirError, FileNotFoundError) as e:
+    except (
+        folder.DatasetError,
+        run.WorkdirError,
+        FileNotFoundError,
+        pretrained.PretrainedWeightsError,
+        pretrained.ConversionError,
+    ) as e:
         fail(str(e))
 
 

@@ -84,6 +84,16 @@ def test_crop_larger_than_image_fails_before_any_work(tmp_path):
     assert not work.exists()
 
 
+def test_missing_weights_file_is_one_line_naming_it(tmp_path):
+    weights = tmp_path / "nope.msgpack"
+    line = one_error_line(
+        run_main(
+            f"--workdir={tmp_path / 'work'}", f"--config.model.pretrained={weights}"
+        )
+    )
+    assert str(weights) in line
+
+
 def test_verbosity_1_adds_the_traceback(tmp_path):
     proc = run_main(
         f"--workdir={tmp_path / 'work'}", "--config.data.image_size=64", "--verbosity=1"

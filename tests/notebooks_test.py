@@ -15,6 +15,8 @@ import json
 import os
 import pathlib
 import shutil
+import subprocess
+import sys
 import time
 
 import pytest
@@ -412,3 +414,38 @@ def test_reconpatch_notebook(tmp_path, kernel_env):
         )
     # Figures: the heatmap comparison and the PCA.
     assert count_images(nb) >= 2
+
+
+def setup_cell(name: str) -> str:
+    """The notebook's install cell (the one that defines REPO_URL)."""
+    cells = read_notebook_json(name)["cells"]
+    return next(cell_source(c) for c in cells if "REPO_URL = " in cell_source(c))
+
+
+@pytest.mark.parametrize("name", NOTEBOOKS)
+def test_setup_cell_clones_repo_url_when_there_is_no_checkout(name, tmp_path):
+    source = setup_cell(name).replace('REPO_URL = ""', f"REPO_URL = {str(REPO)!r}", 1)
+    assert f"REPO_URL = {str(REPO)!r}" in source
+    script = tmp_path / "setup_cell.py"
+    script.write_text(
+        source + "\nprint('quickstart', load_config('quickstart').method)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "quickstart recontrast" in proc.stdout
+    assert (tmp_path / "recontrast_jax_src" / "configs" / "quickstart.py").is_file()
+
+
+def test_setup_cell_without_checkout_or_repo_url_says_what_to_set(tmp_path):
+    script = tmp_path / "setup_cell.py"
+    script.write_text(setup_cell("quickstart.ipynb"))
+    proc = subprocess.run(
+        [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "set REPO_URL" in last and "WHEEL" in last
