@@ -12,21 +12,14 @@ Prints a markdown table; asserts nothing.
 
 import argparse
 import collections
-import importlib.util
 
 import numpy as np
 import scipy.ndimage
+from method_comparison import load_config
 
 from recontrast_jax import evaluate, parallel, run
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup
-
-
-def load_config(path: str):
-    spec = importlib.util.spec_from_file_location("config_module", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def peak_hits(result: evaluate.SplitResult, names, slack: int) -> dict[str, list]:

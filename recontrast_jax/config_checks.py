@@ -59,15 +59,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.data.holdout_fraction={config.data.holdout_fraction} must be "
             "in [0, 1)"
         )
-    if (
-        config.model.pretrained == "offline"
-        and config.model.arch not in pretrained.OFFLINE_WEIGHTS
-    ):
-        raise ConfigError(
-            f"config.model.pretrained='offline' exists only for "
-            f"{', '.join(pretrained.OFFLINE_WEIGHTS)}, not config.model.arch="
-            f"{config.model.arch!r}: use 'imagenet', a weights file, or ''"
-        )
+    if config.model.pretrained == "offline":
+        try:
+            pretrained.offline_weights(config.model.arch)
+        except pretrained.PretrainedWeightsError as e:
+            raise ConfigError(str(e)) from e
     side = config.data.crop_size
     if not 0 <= config.eval.border < side // 2:
         raise ConfigError(

@@ -408,8 +408,9 @@ def offline_weights(arch: str) -> str:
     """The shipped offline-pretrained weights file of `arch`."""
     if arch not in OFFLINE_WEIGHTS:
         raise PretrainedWeightsError(
-            f"model.pretrained='offline' exists only for {', '.join(OFFLINE_WEIGHTS)}, "
-            f"not {arch!r}: use 'imagenet', a weights file, or '' (random init)."
+            f"config.model.pretrained='offline' exists only for "
+            f"{', '.join(OFFLINE_WEIGHTS)}, not config.model.arch={arch!r}: use "
+            "'imagenet', a weights file, or '' (random init)"
         )
     return OFFLINE_WEIGHTS[arch]
 
@@ -429,8 +430,9 @@ def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variabl
 
     Args:
       arch: encoder architecture.
-      source: 'imagenet', 'offline' (`OFFLINE_WEIGHTS`) or a path to .safetensors/.pth/.pt/.npz (torchvision
-        key names) or .msgpack (Flax variables saved with flax.serialization).
+      source: 'imagenet', 'offline' (`OFFLINE_WEIGHTS`), or a path to
+        .safetensors/.pth/.pt/.npz (torchvision key names) or .msgpack (Flax
+        variables saved with flax.serialization).
       template: the encoder's Flax variables (arrays or ShapeDtypeStructs).
 
     Returns:

@@ -2,6 +2,7 @@
 
 import importlib.util
 import os
+import sys
 
 import numpy as np
 from PIL import Image
@@ -12,6 +13,8 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmark
 
 
 def load(name):
+    if BENCHMARKS not in sys.path:  # the scripts import each other, as run from there
+        sys.path.insert(0, BENCHMARKS)
     spec = importlib.util.spec_from_file_location(
         name, os.path.join(BENCHMARKS, f"{name}.py")
     )
