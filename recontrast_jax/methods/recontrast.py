@@ -37,17 +37,17 @@ from recontrast_jax.methods.recontrast_steps import (  # noqa: F401 (the method 
     predict,
     train_step,
 )
+from recontrast_jax.models import backbones
 from recontrast_jax.models import recontrast as recontrast_model
-from recontrast_jax.models import resnet
 
 
 def frozen_feature_bytes(config: ml_collections.ConfigDict, num_images: int) -> int:
     """Memory of E_f's three feature maps for `num_images` training images."""
-    spec = resnet.get_arch(config.model.arch)
+    channels_per_level = backbones.feature_channels(config.model.arch)
     side = config.data.crop_size
     per_image = sum(
         channels * (side // stride) ** 2
-        for channels, stride in zip(spec.stage_channels, (4, 8, 16), strict=True)
+        for channels, stride in zip(channels_per_level, (4, 8, 16), strict=True)
     )
     return 4 * per_image * num_images
 

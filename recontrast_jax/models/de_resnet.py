@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from recontrast_jax.models import backbones
 from recontrast_jax.models.layers import (
     BatchNorm,
     PointwiseConv,
@@ -21,6 +22,21 @@ from recontrast_jax.models.layers import (
     transposed_conv2x2,
 )
 from recontrast_jax.models.resnet import ArchSpec, get_arch, run_stage
+
+
+def decoder_spec(arch: str) -> ArchSpec:
+    """The ResNet shape that the bottleneck and decoder of `arch` mirror.
+
+    A ResNet-family encoder is mirrored as the authors do. Any other encoder of
+    the `backbones` contract gets ResNet-18's shape (BasicBlocks, two per
+    stage, two in the one-class embedding) with its own feature channels as the
+    widths, so the decoder reconstructs exactly the maps the encoder returns.
+    """
+    if backbones.is_resnet(arch):
+        return get_arch(arch)
+    return ArchSpec(
+        "basic", (2, 2, 2), planes=backbones.feature_channels(arch), oce_blocks=2
+    )
 
 
 class FusionBottleneck(nn.Module):
@@ -34,7 +50,7 @@ class FusionBottleneck(nn.Module):
 
     @nn.compact
     def __call__(self, features: list[jax.Array], train: bool) -> jax.Array:
-        spec = get_arch(self.arch)
+        spec = decoder_spec(self.arch)
         c1, c2, c3 = spec.stage_channels
         del c1
         x0, x1, x2 = features
@@ -156,7 +172,7 @@ class Decoder(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool) -> list[jax.Array]:
-        spec = get_arch(self.arch)
+        spec = decoder_spec(self.arch)
         stage = functools.partial(
             run_decoder_stage, spec, train=train, activation=self.activation
         )

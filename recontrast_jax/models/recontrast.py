@@ -1,7 +1,7 @@
 """The ReContrast model: trainable encoder, frozen encoder, cross reconstruction.
 
 `ReContrast` holds the trainable encoder E, the bottleneck and the decoder. The
-frozen encoder E_f is the same `ResNetEncoder` applied with a separate, never
+frozen encoder E_f is the same encoder (`backbones.make_encoder`) applied with a separate, never
 optimised copy of the variables (always in inference-mode BatchNorm); its
 features are passed in. Pairing (spec 1.4): the trainable and frozen features
 are concatenated along the batch (2B) and decoded together; head set 0 decoded
@@ -19,9 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from recontrast_jax.models import layers
+from recontrast_jax.models import backbones, layers
 from recontrast_jax.models.de_resnet import Decoder, FusionBottleneck
-from recontrast_jax.models.resnet import ResNetEncoder
 
 Variables = dict[str, Any]
 
@@ -58,7 +57,8 @@ class ReContrast(nn.Module):
     """Trainable encoder + bottleneck + decoder of ReContrast.
 
     Attributes:
-      arch: encoder architecture, a key of `resnet.ARCHS`.
+      arch: encoder architecture, one of `backbones.known_archs()` (the paper:
+        ResNets; others get a decoder sized from their feature channels).
       variant: the network changes of the multi-class and stable scripts.
     """
 
@@ -66,7 +66,8 @@ class ReContrast(nn.Module):
     variant: Variant = PAPER_VARIANT
 
     def setup(self):
-        self.encoder = ResNetEncoder(self.arch, self.variant.encoder_norm())
+        norm = None if self.variant == PAPER_VARIANT else self.variant.encoder_norm()
+        self.encoder = backbones.make_encoder(self.arch, norm)
         self.bottleneck = FusionBottleneck(self.arch)
         self.decoder = Decoder(self.arch, self.variant.decoder_activation)
 
@@ -120,7 +121,7 @@ def frozen_encoder_features(
     """
     params = layers.cast_floating(frozen_variables["params"], x.dtype)
     variables = {**frozen_variables, "params": params}
-    features = ResNetEncoder(arch).apply(variables, x, train=False)
+    features = backbones.make_encoder(arch).apply(variables, x, train=False)
     return [jax.lax.stop_gradient(f) for f in features]
 
 
