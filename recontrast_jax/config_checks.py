@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from recontrast_jax import anomaly_maps, default_config, pretrained, thresholds
+from recontrast_jax import anomaly_maps, default_config, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup, patchcore
 from recontrast_jax.models import backbones, de_resnet
@@ -59,11 +59,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
             f"config.data.holdout_fraction={config.data.holdout_fraction} must be "
             "in [0, 1)"
         )
-    if config.model.pretrained == "offline":
-        try:
-            pretrained.offline_weights(config.model.arch)
-        except pretrained.PretrainedWeightsError as e:
-            raise ConfigError(str(e)) from e
     side = config.data.crop_size
     if not 0 <= config.eval.border < side // 2:
         raise ConfigError(

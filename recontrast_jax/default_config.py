@@ -55,11 +55,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.multiclass = False
 
     config.model = ml_collections.ConfigDict()
-    config.model.arch = "wide_resnet50_2"  # resnet18/34/50, wide_resnet50_2/101_2
+    # resnet18/34/50, wide_resnet50_2/101_2, resnext101_32x8d, densenet201,
+    # efficientnet_lite0 (the quickstarts), or a tiny test variant.
+    config.model.arch = "wide_resnet50_2"
     # Encoder weights: 'imagenet' = torchvision IMAGENET1K_V1 (downloaded from the
-    # Hugging Face Hub and cached), a file path (.safetensors/.pth/.npz/.msgpack),
-    # 'offline' (resnet_tiny only: the weights shipped in recontrast_jax/weights/,
-    # see offline_pretrain.py), or '' for random initialisation.
+    # Hugging Face Hub and cached; efficientnet_lite0's come with an installed
+    # package, no download), a file path (.safetensors/.pth/.npz/.msgpack), or
+    # '' for random initialisation.
     config.model.pretrained = "imagenet"
     # Compute dtype: 'bfloat16' for GPUs/TPUs (parameters, BatchNorm statistics,
     # losses and updates stay float32); 'float32' reproduces the paper.
@@ -324,15 +326,19 @@ def btad_config(product: str) -> ml_collections.ConfigDict:
 
 
 def embedded_memory_bank_config(method: str) -> ml_collections.ConfigDict:
-    """PatchCore/ReConPatch quickstart base: embedded data, random-init tiny encoder."""
+    """PatchCore/ReConPatch quickstart base: embedded data, ImageNet Lite0 at 128 px.
+
+    The patch features are Lite0's stride-8 and stride-16 maps (40 and 112
+    channels), the mid-level layers PatchCore takes from WideResNet-50.
+    """
     config = get_config()
     config.method = method
     config.data.source = "embedded"
     config.data.categories = ("brick", "grass", "gravel")
-    config.data.image_size = 96
-    config.data.crop_size = 96
-    config.model.arch = "resnet_tiny"
-    config.model.pretrained = ""
+    config.data.image_size = 128
+    config.data.crop_size = 128
+    config.model.arch = "efficientnet_lite0"
+    config.model.pretrained = "imagenet"  # shipped in a package: no download
     config.patchcore.pretrain_dim = 256
     config.patchcore.target_dim = 256
     config.patchcore.coreset_ratio = 0.1

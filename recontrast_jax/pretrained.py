@@ -408,25 +408,6 @@ def offline_instructions(arch: str, error: Exception) -> str:
     )
 
 
-# Encoders pretrained without a download (`offline_pretrain.py` writes them).
-OFFLINE_WEIGHTS = {
-    "resnet_tiny": os.path.join(
-        os.path.dirname(__file__), "weights", "resnet_tiny_offline.msgpack"
-    ),
-}
-
-
-def offline_weights(arch: str) -> str:
-    """The shipped offline-pretrained weights file of `arch`."""
-    if arch not in OFFLINE_WEIGHTS:
-        raise PretrainedWeightsError(
-            f"config.model.pretrained='offline' exists only for "
-            f"{', '.join(OFFLINE_WEIGHTS)}, not config.model.arch={arch!r}: use "
-            "'imagenet', a weights file, or '' (random init)"
-        )
-    return OFFLINE_WEIGHTS[arch]
-
-
 @dataclasses.dataclass(frozen=True)
 class PackagedWeights:
     """ImageNet weights shipped as a file inside an installed Python package.
@@ -484,7 +465,7 @@ def resolve_source(arch: str, source: str) -> str:
         return packaged_weights(arch)
     if source == "imagenet":
         return download_v1_weights(arch)
-    return offline_weights(arch) if source == "offline" else source
+    return source
 
 
 def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variables:
@@ -495,7 +476,7 @@ def load_encoder_variables(arch: str, source: str, template: Mapping) -> Variabl
 
     Args:
       arch: encoder architecture.
-      source: 'imagenet', 'offline' (`OFFLINE_WEIGHTS`), or a path to
+      source: 'imagenet' (`PACKAGED_IMAGENET` or the V1 download), or a path to
         .safetensors/.pth/.pt/.npz (torchvision key names) or .msgpack (Flax
         variables saved with flax.serialization).
       template: the encoder's Flax variables (arrays or ShapeDtypeStructs).

@@ -262,7 +262,6 @@ def results_notes(config: ml_collections.ConfigDict) -> list[str]:
     weights = {
         "": "random init",
         "imagenet": "ImageNet weights",
-        "offline": "pretrained offline on scikit-image photographs",
     }.get(config.model.pretrained, config.model.pretrained)
     return [
         f"Data: {sources.data_description(config)}. "

@@ -40,10 +40,3 @@ def test_crop_larger_than_the_resize_is_named():
 
 def test_the_defaults_are_valid():
     config_checks.validate(default_config.get_config())
-
-
-def test_offline_weights_for_an_arch_without_them_are_named():
-    config = default_config.get_config()
-    config.model.pretrained = "offline"  # the default arch is wide_resnet50_2
-    with pytest.raises(config_checks.ConfigError, match="arch='wide_resnet50_2'"):
-        config_checks.validate(config)

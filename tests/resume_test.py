@@ -19,6 +19,8 @@ def main_command(data, workdir):
         "--config.data.source=folder",
         f"--config.data.root={data}",
         "--config.data.categories=brick",
+        "--config.model.arch=resnet_tiny",  # the CLI's resume, on the fastest model
+        "--config.model.pretrained=",
         "--config.data.image_size=32",
         "--config.data.crop_size=32",
         f"--config.train.steps={STEPS}",
