@@ -2,70 +2,245 @@
 
 from __future__ import annotations
 
+import glob
+import json
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging as absl_logging
+
+from recontrast_jax import console
+
+# The config fields that shape a model and its inputs: a checkpoint written
+# with other values cannot be resumed or evaluated with these (steps, logging,
+# evaluation batch and the like may change freely).
+MODEL_FIELDS = (
+    "method",
+    "model.arch",
+    "model.dtype",
+    "model.decoder_activation",
+    "model.partial_norm_threshold",
+    "model.encoder_bn_epsilon",
+    "data.image_size",
+    "data.crop_size",
+    "data.resize",
+    "patchcore.pretrain_dim",
+    "patchcore.target_dim",
+    "patchcore.ensemble",
+    "reconpatch.feature_dim",
+    "reconpatch.projection_dim",
+)
+FIELDS_FILE = "model_config.json"
 
 
-def manager(directory: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
-    """A CheckpointManager for `directory` keeping the last `max_to_keep` steps."""
+class ConfigMismatchError(ValueError):
+    """A checkpoint directory was written with other model-shaping fields."""
+
+
+def model_fields(config) -> dict:
+    """`MODEL_FIELDS` of `config` as JSON values (tuples become lists)."""
+    values = {}
+    for name in MODEL_FIELDS:
+        node = config
+        for part in name.split("."):
+            node = node[part]
+        values[name] = list(node) if isinstance(node, tuple) else node
+    return values
+
+
+def check_model_fields(mngr: ocp.CheckpointManager, config, write: bool) -> None:
+    """Compares `config` with the fields its checkpoints were written with.
+
+    Args:
+      mngr: the checkpoint directory's manager.
+      config: the run's config.
+      write: record the fields when the directory holds no checkpoint yet
+        (training); process 0 writes.
+
+    Raises:
+      ConfigMismatchError: one line naming each differing field, its saved and
+        its requested value, and the way out.
+    """
+    path = os.path.join(mngr.directory, FIELDS_FILE)
+    requested = model_fields(config)
+    if mngr.all_steps() and os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        differing = [
+            f"{k} saved {saved[k]!r}, requested {v!r}"
+            for k, v in requested.items()
+            if k in saved and saved[k] != v
+        ]
+        if differing:
+            raise ConfigMismatchError(
+                f"{mngr.directory} holds checkpoints of another config "
+                f"({'; '.join(differing)}): use another --workdir, or the saved values"
+            )
+    elif write and not mngr.all_steps() and jax.process_index() == 0:
+        temporary = f"{path}.tmp{os.getpid()}"
+        with open(temporary, "w") as f:
+            json.dump(requested, f, indent=1)
+        os.replace(temporary, path)
+
+
+def manager(directory: str, max_to_keep: int = 3, config=None) -> ocp.CheckpointManager:
+    """A CheckpointManager for `directory` keeping the last `max_to_keep` steps.
+
+    With `config` (training), its `MODEL_FIELDS` are checked against the
+    directory's checkpoints, or recorded for the ones to come.
+    """
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
     )
     # The handler is named up front so that item metadata (used to restore
     # without a template) can be read by a manager that has not saved yet.
-    return ocp.CheckpointManager(
+    mngr = ocp.CheckpointManager(
         os.path.abspath(directory),
         options=options,
         item_handlers=ocp.StandardCheckpointHandler(),
     )
+    if config is not None:
+        check_model_fields(mngr, config, write=True)
+    return mngr
 
 
-def existing_manager(directory: str) -> ocp.CheckpointManager:
-    """`manager(directory)` for reading: a missing directory is an error, not made."""
+def existing_manager(directory: str, config=None) -> ocp.CheckpointManager:
+    """`manager(directory)` for reading: a missing directory is an error, not made.
+
+    With `config`, its `MODEL_FIELDS` must match the checkpoints' (see
+    `check_model_fields`).
+    """
     if not os.path.isdir(directory):
         raise NoCheckpointError(
             f"No checkpoint in {os.path.abspath(directory)}: train first (mode 'train')."
         )
-    return manager(directory)
+    mngr = manager(directory)
+    if config is not None:
+        check_model_fields(mngr, config, write=False)
+    return mngr
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint cannot be written; the previous ones are left whole."""
+
+
+_saving = False  # orbax's own error logs are hidden while a save is in progress
+
+
+def _hide_orbax_errors_while_saving(record) -> bool:
+    return not (_saving and "orbax" in record.pathname)
+
+
+absl_logging.get_absl_logger().addFilter(_hide_orbax_errors_while_saving)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
-    """Saves `state` at `step` (blocking; an existing step is left as it is)."""
+    """Saves `state` at `step` (blocking; an existing step is left as it is).
+
+    Raises:
+      CheckpointWriteError: the write failed (a full disk, permissions); the
+        message names the step's folder and the cause, the partial folder is
+        removed and orbax's threads are shut down, so nothing prints after it.
+    """
+    global _saving
     if step in mngr.all_steps():
         return
-    mngr.save(step, args=ocp.args.StandardSave(state))
-    mngr.wait_until_finished()
+    _saving = True
+    try:
+        mngr.save(step, args=ocp.args.StandardSave(state))
+        mngr.wait_until_finished()
+    except Exception as e:  # orbax reports write failures in many types
+        mngr.close()
+        for partial in glob.glob(os.path.join(mngr.directory, f"{step}.orbax-*")):
+            shutil.rmtree(partial, ignore_errors=True)
+        raise CheckpointWriteError(
+            f"cannot write checkpoint {os.path.join(mngr.directory, str(step))}: "
+            f"{write_failure(e)}"
+        ) from e
+    finally:
+        _saving = False
+
+
+def write_failure(error: Exception) -> str:
+    """The cause of a failed write, e.g. 'no space left on device'."""
+    text = str(error)
+    if "No space left on device" in text:
+        return "no space left on device"
+    lines = text.strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 class NoCheckpointError(FileNotFoundError):
     """The requested checkpoint does not exist."""
 
 
+class UnreadableCheckpointError(NoCheckpointError):
+    """No checkpoint that was asked for (or none at all) can be read."""
+
+
+def _abstract(target):
+    return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
+
+
+def _cause(error: Exception) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"
+
+
 def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
-    """Restores `step` (None: the latest) into the structure/sharding of `target`."""
+    """Restores `step` (None: the newest readable) into `target`'s structure.
+
+    Raises:
+      NoCheckpointError: `step` is not in the directory.
+      UnreadableCheckpointError: `step` (or, with None, every checkpoint)
+        cannot be read; the message names it and the cause.
+    """
     if step is None:
         return restore_latest(mngr, target)
     if step not in mngr.all_steps():
         raise NoCheckpointError(
             f"No checkpoint for step {step} in {mngr.directory}; have {list(mngr.all_steps())}."
         )
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        return mngr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
+    except Exception as e:  # garbled files fail in many ways inside orbax
+        raise UnreadableCheckpointError(
+            f"Checkpoint {os.path.join(mngr.directory, str(step))} cannot be read "
+            f"({_cause(e)}); choose another with --config.checkpoint.step"
+        ) from e
 
 
-def restore_latest(mngr: ocp.CheckpointManager, target):
-    """Restores the latest checkpoint into the structure/sharding of `target`.
+def restore_latest(mngr: ocp.CheckpointManager, target, set_aside: bool = False):
+    """Restores the newest readable checkpoint into `target`'s structure.
+
+    An unreadable checkpoint is named in a warning and the next older one is
+    tried. With `set_aside` (training, which will write new checkpoints) it is
+    renamed `<step>.unreadable`, kept for inspection and never picked again.
 
     Returns:
       The restored state, or None when the directory holds no checkpoint.
+
+    Raises:
+      UnreadableCheckpointError: there are checkpoints and none can be read.
     """
-    step = mngr.latest_step()
-    if step is None:
-        return None
-    abstract = jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    unreadable = []
+    for step in sorted(mngr.all_steps(), reverse=True):
+        path = os.path.join(mngr.directory, str(step))
+        try:
+            return mngr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
+        except Exception as e:  # garbled files fail in many ways inside orbax
+            unreadable.append(f"{path} ({_cause(e)})")
+            console.say(f"warning: checkpoint {path} cannot be read ({_cause(e)})")
+            if set_aside:
+                os.rename(path, f"{path}.unreadable")
+                mngr.reload()
+    if unreadable:
+        raise UnreadableCheckpointError(
+            f"No checkpoint in {mngr.directory} can be read: {'; '.join(unreadable)}"
+        )
+    return None
 
 
 def restore_as_saved(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:
@@ -82,8 +257,14 @@ def restore_as_saved(mngr: ocp.CheckpointManager, step: int | None = None) -> di
         raise NoCheckpointError(
             f"No checkpoint for step {step} in {mngr.directory}; have {list(mngr.all_steps())}."
         )
-    tree = mngr.item_metadata(step).tree
-    abstract = jax.tree_util.tree_map(
-        lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree
-    )
-    return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    try:
+        tree = mngr.item_metadata(step).tree
+        abstract = jax.tree_util.tree_map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree
+        )
+        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # garbled files fail in many ways inside orbax
+        raise UnreadableCheckpointError(
+            f"Checkpoint {os.path.join(mngr.directory, str(step))} cannot be read "
+            f"({_cause(e)}); fit again in another workdir, or delete it"
+        ) from e

@@ -113,7 +113,9 @@ def import_checkpoint(
     )
     run.prepare_workdir(workdir)
     directory = recontrast_method.checkpoint_dir(workdir, category)
-    manager = checkpointing.manager(directory, config.checkpoint.max_to_keep)
+    manager = checkpointing.manager(
+        directory, config.checkpoint.max_to_keep, config=config
+    )
     if manager.latest_step() is not None:
         raise FileExistsError(
             f"{directory} already holds checkpoints; use a new workdir."

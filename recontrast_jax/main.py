@@ -22,14 +22,18 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from recontrast_jax import (
+    checkpointing,
     config_checks,
     default_config,
     distributed,
+    divergence,
     export,
     predict,
+    preemption,
     pretrained,
     reports,
     run,
+    workdir_lock,
 )
 from recontrast_jax.data import folder
 
@@ -127,7 +131,10 @@ def main(argv):
     workdir = FLAGS.workdir
     try:
         if config.mode in ("train", "evaluate"):
-            report(run.run(config, workdir, fit=config.mode == "train"), workdir)
+            run.prepare_workdir(workdir)  # names an unwritable workdir first
+            with workdir_lock.held(workdir):
+                summary = run.run(config, workdir, fit=config.mode == "train")
+            report(summary, workdir)
         elif config.mode == "predict":
             predict.predict(config, workdir)
         elif config.mode == "export":
@@ -135,8 +142,16 @@ def main(argv):
                 print(f"exported: {directory}")
         else:
             raise ValueError(f"Unknown config.mode {config.mode!r}: use {MODES}.")
+    except preemption.Preempted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        sys.exit(preemption.EXIT_CODE)
     except (
         folder.DatasetError,
+        divergence.TrainingDiverged,
+        checkpointing.ConfigMismatchError,
+        checkpointing.CheckpointWriteError,
+        reports.WriteError,
+        workdir_lock.WorkdirBusy,
         run.WorkdirError,
         FileNotFoundError,
         pretrained.PretrainedWeightsError,

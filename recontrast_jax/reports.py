@@ -78,11 +78,25 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             os.fsync(tmp.fileno())
         os.chmod(tmp_name, mode)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
+        if isinstance(e, OSError):
+            raise WriteError(f"cannot write {path}: {os_reason(e)}") from e
         raise
     _fsync_directory(path.parent)
+
+
+class WriteError(OSError):
+    """A result file cannot be written (the old one, if any, is left whole)."""
+
+
+def os_reason(error: BaseException) -> str:
+    """'no space left on device' and the like, from an OS error or its text."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__
 
 
 # `atomic_write_bytes`'s temporary names: '.<name>.<8 random chars>.tmp'.

@@ -296,7 +296,14 @@ def saved_model(ckpt, step=None) -> dict | None:
     latest = ckpt.latest_step() if step in (None, -1) else step
     if latest is None:
         return None
-    if "model" not in ckpt.item_metadata(latest).tree:
+    try:
+        holds_model = "model" in ckpt.item_metadata(latest).tree
+    except Exception as e:  # garbled metadata fails in many ways inside orbax
+        raise checkpointing.UnreadableCheckpointError(
+            f"Checkpoint {os.path.join(ckpt.directory, str(latest))} cannot be read "
+            f"({type(e).__name__}: {e}); fit again in another workdir"
+        ) from e
+    if not holds_model:
         return None
     return checkpointing.restore_as_saved(ckpt, latest)["model"]
 
@@ -373,7 +380,9 @@ def fit(
     models, info = [], {}
     for arch in archs:
         directory = model_dir(workdir, category, arch, len(archs) > 1)
-        ckpt = checkpointing.manager(directory, config.checkpoint.max_to_keep)
+        ckpt = checkpointing.manager(
+            directory, config.checkpoint.max_to_keep, config=config
+        )
         label = f"{category} {arch}" if len(archs) > 1 else category
         model, model_info = fit_model(
             config, arch, train_samples, ckpt, mesh, len(archs) > 1, writer,
@@ -390,7 +399,7 @@ def restore(config, workdir: str, category: str, mesh) -> list[dict]:
     models = []
     for arch in archs:
         directory = model_dir(workdir, category, arch, len(archs) > 1)
-        ckpt = checkpointing.existing_manager(directory)
+        ckpt = checkpointing.existing_manager(directory, config=config)
         model = saved_model(ckpt, config.checkpoint.step)
         if model is None:
             raise checkpointing.NoCheckpointError(

@@ -33,7 +33,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from recontrast_jax import checkpointing, console, parallel
+from recontrast_jax import checkpointing, console, divergence, parallel, preemption
 from recontrast_jax.methods import adamp, patchcore, reconpatch_loss
 from recontrast_jax.models import reconpatch
 
@@ -204,7 +204,7 @@ def train_modulation(
     schedule = cosine_per_epoch(cfg.lr, cfg.epochs, per_epoch)  # for logging
     key = jax.random.fold_in(jax.random.key(config.seed), 1)
     state = parallel.replicate(mesh, init_state(cfg, pool.shape[1], tx, key))
-    restored = checkpointing.restore_latest(ckpt, {"modulation": state})
+    restored = checkpointing.restore_latest(ckpt, {"modulation": state}, set_aside=True)
     if restored is not None:
         state = restored["modulation"]
         console.say(f"{desc}: resuming at step {int(state.step)} of {total}")
@@ -212,7 +212,9 @@ def train_modulation(
     step = int(jax.device_get(state.step))
     scalars: dict = {}
     order_epoch, order = -1, None
-    with console.progress_bar(total, desc, "step", initial=step) as bar:
+    watch = divergence.DivergenceWatch()
+    progress = console.progress_bar(total, desc, "step", initial=step)
+    with progress as bar, preemption.StopRequest() as stop:
         compiling = console.FirstCallNote(bar, "compiling the train step")
         while step < total:
             epoch, index = divmod(step, per_epoch)
@@ -222,16 +224,25 @@ def train_modulation(
             sharded = parallel.global_batch(mesh, {"patches": patches})["patches"]
             state, metrics = step_fn(state, sharded)
             step += 1
+            watch.add(step, metrics["loss"])
             compiling.done()
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
+                watch.check(desc)
                 scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
                 scalars["lr"] = float(schedule(step - 1))
                 bar.set_postfix(loss=f"{scalars['loss']:.4f}")
                 if writer is not None:
                     writer.scalars(step, {f"train/{k}": v for k, v in scalars.items()})
-            if step % config.checkpoint.every == 0 and step < total:
+            stopping = stop.reached(step, ckpt) and step < total
+            if stopping or (step % config.checkpoint.every == 0 and step < total):
+                watch.check(desc)  # a diverged state is never saved
+                divergence.ensure_finite(state, desc, step)
                 save_fn(step, state)
+            if stopping:
+                raise stop.stop(desc, step, ckpt.directory)
+    watch.check(desc)
+    divergence.ensure_finite(state, desc, step)
     return jax.device_get(state.params), {**scalars, "steps": float(total)}
 
 

@@ -22,7 +22,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import checkpointing, console, parallel
+from recontrast_jax import checkpointing, console, divergence, parallel, preemption
 from recontrast_jax.data import input_pipeline
 from recontrast_jax.methods import torch_adamw
 from recontrast_jax.methods.recontrast_steps import (  # noqa: F401 (the method surface)
@@ -198,12 +198,12 @@ def fit(
       The trained state and {'steps': T, 'train_seconds': time spent training}.
     """
     ckpt = checkpointing.manager(
-        checkpoint_dir(workdir, category), config.checkpoint.max_to_keep
+        checkpoint_dir(workdir, category), config.checkpoint.max_to_keep, config
     )
     resuming = ckpt.latest_step() is not None
     state = fresh_state(config, mesh, "" if resuming else config.model.pretrained)
     if resuming:
-        state = checkpointing.restore(ckpt, state)
+        state = checkpointing.restore_latest(ckpt, state, set_aside=True)
     start = time.perf_counter()  # training alone: set-up and restore excluded
     if int(jax.device_get(state.step)) < config.train.steps:
         state = run_training(
@@ -218,7 +218,7 @@ def fit(
 def restore(config: ml_collections.ConfigDict, workdir: str, category: str, mesh):
     """The category's checkpoint (`checkpoint.step`, -1: the latest), replicated."""
     directory = checkpoint_dir(workdir, category)
-    ckpt = checkpointing.existing_manager(directory)
+    ckpt = checkpointing.existing_manager(directory, config=config)
     if ckpt.latest_step() is None:
         raise checkpointing.NoCheckpointError(
             f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
@@ -265,16 +265,19 @@ def run_training(
     dataset = training_dataset(config, train_samples, start_batch=step)
     if step:
         console.say(f"{category}: resuming from step {step} of {total}")
-    with bar:
+    watch = divergence.DivergenceWatch()
+    with bar, preemption.StopRequest() as stop:
         compiling = console.FirstCallNote(bar, "compiling the train step")
         batches = input_pipeline.iterate_numpy(dataset)
         for batch in parallel.prefetch_to_device(mesh, batches):
             state, step_metrics = step_fn(state, batch)
             step += 1
+            watch.add(step, step_metrics["loss"])
             throughput.add(batch["image"].shape[0])
             compiling.done()
             bar.update(1)
             if step % config.train.log_every == 0 or step == total:
+                watch.check(category)
                 scalars = host_scalars(step_metrics)
                 scalars["images_per_second"] = throughput.report()
                 # Constant in the single-class recipe; logged so runs compare.
@@ -292,11 +295,17 @@ def run_training(
                 and step % config.eval.every == 0
                 and step < total
             ):
+                watch.check(category)
                 writer.scalars(
                     step, {f"eval/{k}": v for k, v in evaluate_fn(state).items()}
                 )
-            if step % config.checkpoint.every == 0 or step == total:
+            stopping = stop.reached(step, ckpt)
+            if stopping or step % config.checkpoint.every == 0 or step == total:
+                watch.check(category)  # a diverged state is never saved
+                divergence.ensure_finite(state, category, step)
                 checkpointing.save(ckpt, step, state)
+            if stopping:
+                raise stop.stop(category, step, ckpt.directory)
             if step >= total:
                 break
     return state
