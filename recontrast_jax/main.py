@@ -130,11 +130,12 @@ def main(argv):
     )
     workdir = FLAGS.workdir
     try:
-        if config.mode in ("train", "evaluate"):
+        if config.mode == "train":
             run.prepare_workdir(workdir)  # names an unwritable workdir first
             with workdir_lock.held(workdir):
-                summary = run.run(config, workdir, fit=config.mode == "train")
-            report(summary, workdir)
+                report(run.run(config, workdir), workdir)
+        elif config.mode == "evaluate":
+            report(run.run(config, workdir, fit=False), workdir)
         elif config.mode == "predict":
             predict.predict(config, workdir)
         elif config.mode == "export":

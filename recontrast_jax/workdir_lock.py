@@ -1,4 +1,4 @@
-"""One training or evaluation run per workdir at a time.
+"""One training run per workdir at a time.
 
 Two runs in one workdir would train the same categories and write the same
 checkpoint directories at once. `held(workdir)` takes an exclusive `flock` on

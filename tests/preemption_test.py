@@ -78,7 +78,7 @@ def test_sigterm_checkpoints_the_step_and_the_rerun_resumes_it(tmp_path, tiny_da
     reader.join(timeout=10)
     text = "".join(stderr)
     assert proc.returncode == preemption.EXIT_CODE, text[-2000:]
-    assert took < 10, took
+    assert took < 30, took  # the save and the exit, on a shared 2-core host
     assert "Traceback" not in text
     line = [s for s in text.splitlines() if s.startswith("stopped:")]
     assert len(line) == 1 and "SIGTERM" in line[0], text[-2000:]

@@ -397,7 +397,7 @@ def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int, int]:
 def depthwise_conv_taps(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     """A depthwise conv with 'SAME' padding as a sum of k*k scaled shifted views.
 
-    XLA's CPU grouped convolution with one channel per group is 10-30x slower
+    XLA's CPU grouped convolution with one channel per group is 8-31x slower
     forward and 4-15x slower in the gradient than these elementwise
     multiply-adds (measured on (16, 64..8, 64..8, 96..480) inputs).
     """
