@@ -11,7 +11,7 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging as absl_logging
 
-from recontrast_jax import console
+from recontrast_jax import console, reports
 
 # The config fields that shape a model and its inputs: a checkpoint written
 # with other values cannot be resumed or evaluated with these (steps, logging,
@@ -79,10 +79,7 @@ def check_model_fields(mngr: ocp.CheckpointManager, config, write: bool) -> None
                 f"({'; '.join(differing)}): use another --workdir, or the saved values"
             )
     elif write and not mngr.all_steps() and jax.process_index() == 0:
-        temporary = f"{path}.tmp{os.getpid()}"
-        with open(temporary, "w") as f:
-            json.dump(requested, f, indent=1)
-        os.replace(temporary, path)
+        reports.atomic_write_json(path, requested)
 
 
 def manager(directory: str, max_to_keep: int = 3, config=None) -> ocp.CheckpointManager:
@@ -241,6 +238,21 @@ def restore_latest(mngr: ocp.CheckpointManager, target, set_aside: bool = False)
             f"No checkpoint in {mngr.directory} can be read: {'; '.join(unreadable)}"
         )
     return None
+
+
+def holds_item(mngr: ocp.CheckpointManager, step: int, name: str) -> bool:
+    """Whether checkpoint `step` holds the top-level item `name`.
+
+    Raises:
+      UnreadableCheckpointError: its metadata cannot be read.
+    """
+    try:
+        return name in mngr.item_metadata(step).tree
+    except Exception as e:  # garbled metadata fails in many ways inside orbax
+        raise UnreadableCheckpointError(
+            f"Checkpoint {os.path.join(mngr.directory, str(step))} cannot be read "
+            f"({_cause(e)}); fit again in another workdir, or delete it"
+        ) from e
 
 
 def restore_as_saved(mngr: ocp.CheckpointManager, step: int | None = None) -> dict:

@@ -296,14 +296,7 @@ def saved_model(ckpt, step=None) -> dict | None:
     latest = ckpt.latest_step() if step in (None, -1) else step
     if latest is None:
         return None
-    try:
-        holds_model = "model" in ckpt.item_metadata(latest).tree
-    except Exception as e:  # garbled metadata fails in many ways inside orbax
-        raise checkpointing.UnreadableCheckpointError(
-            f"Checkpoint {os.path.join(ckpt.directory, str(latest))} cannot be read "
-            f"({type(e).__name__}: {e}); fit again in another workdir"
-        ) from e
-    if not holds_model:
+    if not checkpointing.holds_item(ckpt, latest, "model"):
         return None
     return checkpointing.restore_as_saved(ckpt, latest)["model"]
 
