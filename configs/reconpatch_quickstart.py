@@ -8,7 +8,7 @@ the trained linear modulation f (256 -> 256) and projection g (256 -> 128).
 With so few steps (20 epochs of about 14 batches) the paper's learning rate of
 1e-5 would leave f at its random init, so this quick run uses 1e-3; halving f's
 width as the paper does (256 -> 128) scored 1 point lower on image AUROC, and
-1e-4 0.4 points lower (the README has the figures).
+1e-4 0.4 points lower (docs/quickstart_encoder.md has the figures).
 """
 
 from recontrast_jax import default_config

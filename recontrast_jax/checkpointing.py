@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import os
 import shutil
+import sys
+import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -89,7 +92,10 @@ def manager(directory: str, max_to_keep: int = 3, config=None) -> ocp.Checkpoint
     directory's checkpoints, or recorded for the ones to come.
     """
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True, enable_async_checkpointing=False
+        max_to_keep=max_to_keep,
+        create=True,
+        enable_async_checkpointing=False,
+        cleanup_tmp_directories=True,  # what a killed save left
     )
     # The handler is named up front so that item metadata (used to restore
     # without a template) can be read by a manager that has not saved yet.
@@ -124,6 +130,7 @@ class CheckpointWriteError(OSError):
 
 
 _saving = False  # orbax's own error logs are hidden while a save is in progress
+_save_failed = False  # ... and so are the late callbacks of a failed one
 
 
 def _hide_orbax_errors_while_saving(record) -> bool:
@@ -131,6 +138,24 @@ def _hide_orbax_errors_while_saving(record) -> bool:
 
 
 absl_logging.get_absl_logger().addFilter(_hide_orbax_errors_while_saving)
+
+
+def _hide_unretrieved_write_errors(record) -> bool:
+    return not (_saving or _save_failed)
+
+
+logging.getLogger("asyncio").addFilter(_hide_unretrieved_write_errors)
+
+
+def _drop_callbacks_into_a_closed_loop(unraisable, previous=sys.unraisablehook):
+    """Writes still in flight when a save fails complete into orbax's closed
+    event loop; each would print a traceback. Only those are dropped."""
+    late = (_saving or _save_failed) and isinstance(unraisable.exc_value, RuntimeError)
+    if not (late and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
+
+
+sys.unraisablehook = _drop_callbacks_into_a_closed_loop
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
@@ -141,7 +166,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
         message names the step's folder and the cause, the partial folder is
         removed and orbax's threads are shut down, so nothing prints after it.
     """
-    global _saving
+    global _saving, _save_failed
     if step in mngr.all_steps():
         return
     _saving = True
@@ -149,24 +174,36 @@ def save(mngr: ocp.CheckpointManager, step: int, state) -> None:
         mngr.save(step, args=ocp.args.StandardSave(state))
         mngr.wait_until_finished()
     except Exception as e:  # orbax reports write failures in many types
+        _save_failed = True
         mngr.close()
-        for partial in glob.glob(os.path.join(mngr.directory, f"{step}.orbax-*")):
-            shutil.rmtree(partial, ignore_errors=True)
+        _remove_partial_save(mngr.directory, step)
         raise CheckpointWriteError(
             f"cannot write checkpoint {os.path.join(mngr.directory, str(step))}: "
-            f"{write_failure(e)}"
+            f"{reports.os_reason(e)}"
         ) from e
     finally:
         _saving = False
 
 
-def write_failure(error: Exception) -> str:
-    """The cause of a failed write, e.g. 'no space left on device'."""
-    text = str(error)
-    if "No space left on device" in text:
-        return "no space left on device"
-    lines = text.strip().splitlines()
-    return lines[0] if lines else type(error).__name__
+def _remove_partial_save(directory, step: int, seconds: float = 5.0) -> None:
+    """Deletes the temporary folder of a failed save.
+
+    Writer threads of the failed save may still be adding files to it (and
+    recreate folders for them), so it is removed until it has stayed gone for
+    a moment.
+    """
+    deadline, gone_since = time.monotonic() + seconds, None
+    while time.monotonic() < deadline:
+        partial = glob.glob(os.path.join(directory, f"{step}.orbax-*"))
+        for path in partial:
+            shutil.rmtree(path, ignore_errors=True)
+        if partial:
+            gone_since = None
+        elif gone_since is None:
+            gone_since = time.monotonic()
+        elif time.monotonic() - gone_since > 0.2:
+            return
+        time.sleep(0.05)
 
 
 class NoCheckpointError(FileNotFoundError):

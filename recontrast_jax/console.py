@@ -19,6 +19,31 @@ def say(message: str) -> None:
         tqdm.tqdm.write(message, file=sys.stderr)
 
 
+_said: set[str] = set()
+
+
+def start_run() -> None:
+    """Forgets the lines `say_once` has said: each run says its notes once."""
+    _said.clear()
+
+
+def say_once(key: str, message: str) -> None:
+    """`say`, the first time a line of this kind comes up in the run: a note
+    that applies to every category is read once, not once per category."""
+    if key not in _said:
+        _said.add(key)
+        say(message)
+
+
+def devices_description() -> str:
+    """'1 CPU device', '8 TPU devices in 2 processes': what a run computes on."""
+    count, platform = jax.device_count(), jax.devices()[0].platform.upper()
+    text = f"{count} {platform} device{'s' if count > 1 else ''}"
+    if jax.process_count() > 1:
+        text += f" in {jax.process_count()} processes"
+    return text
+
+
 def progress_bar(
     total: int, desc: str, unit: str, initial: int = 0, disable=False, **kwargs
 ):

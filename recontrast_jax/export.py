@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recontrast_jax import parallel, reports, run, thresholds
+from recontrast_jax import console, parallel, reports, run, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup
 
@@ -329,6 +329,7 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
     """
     method = lookup.get(config.method)
     mesh = parallel.make_mesh()
+    console.say(f"{config.method}: exporting the models in {workdir}")
     directories = []
     for category in sources.category_names(config):
         name = run.model_name(config, category)

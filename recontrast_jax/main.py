@@ -68,12 +68,28 @@ flags.DEFINE_integer(
 
 
 def quiet_library_logs() -> None:
-    """Hides Orbax's per-save INFO chatter; warnings and errors still show."""
+    """Library logs only with an explicit `--verbosity=0` or higher (then
+    without Orbax's per-save INFO chatter).
+
+    By default INFO logs (absl's, JAX's probing for a TPU) are off, Orbax says
+    nothing (the errors it logs come back as this program's own one-line
+    errors and warnings), and other warnings are one plain line each.
+    """
+    verbose = FLAGS["verbosity"].present
+    level = std_logging.WARNING if verbose else std_logging.CRITICAL + 1
     logging.get_absl_logger().addFilter(
-        lambda record: (
-            record.levelno >= std_logging.WARNING or "orbax" not in record.pathname
-        )
+        lambda record: record.levelno >= level or "orbax" not in record.pathname
     )
+    if not verbose:
+        logging.set_verbosity(logging.WARNING)
+        logging.get_absl_handler().setFormatter(PlainFormatter())
+
+
+class PlainFormatter(std_logging.Formatter):
+    """'warning: <message>', like the console's own lines."""
+
+    def format(self, record: std_logging.LogRecord) -> str:
+        return f"{record.levelname.lower()}: {record.getMessage()}"
 
 
 def config_load_error(error: Exception) -> str:

@@ -124,6 +124,12 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     if not config.predict.input:
         raise folder.DatasetError("set --config.predict.input to a folder of images")
     paths, skipped = readable_images(list_images(config.predict.input))
+    console.start_run()
+    console.say(
+        f"{config.method}: predicting {len(paths)} images under "
+        f"{config.predict.input} with the models in {workdir} on "
+        f"{console.devices_description()}"
+    )
     outputs = []
     for category in sources.category_names(config):
         outputs.append(predict_category(config, workdir, category, paths, skipped))

@@ -10,8 +10,10 @@ failing step never leaves a truncated result or destroys the previous one.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
+import errno
 import html
 import io
 import json
@@ -92,10 +94,14 @@ class WriteError(OSError):
 
 
 def os_reason(error: BaseException) -> str:
-    """'no space left on device' and the like, from an OS error or its text."""
+    """'no space left on device' and the like, from an OS error or its text
+    (orbax and TensorFlow wrap the OS error in their own types)."""
     if isinstance(error, OSError) and error.strerror:
         return error.strerror[0].lower() + error.strerror[1:]
-    lines = str(error).strip().splitlines()
+    text = str(error)
+    if os.strerror(errno.ENOSPC) in text:
+        return os.strerror(errno.ENOSPC).lower()
+    lines = text.strip().splitlines()
     return lines[0] if lines else type(error).__name__
 
 
@@ -919,27 +925,48 @@ def write_predictions(
 
 
 class MetricWriter:
-    """TensorBoard scalars and images (`flax.metrics.tensorboard`), process 0 only."""
+    """TensorBoard scalars and images (`flax.metrics.tensorboard`), process 0 only.
+
+    A log that cannot be written (a full disk) raises `WriteError` naming the
+    log folder, instead of TensorFlow's traceback.
+    """
 
     def __init__(self, logdir: str):
         self._writer = None
+        self._logdir = logdir
         if jax.process_index() == 0:
             # Imported here: it imports TensorFlow, which only a logging
             # process needs (accelerator hosts may run without it).
             from flax.metrics import tensorboard
 
-            self._writer = tensorboard.SummaryWriter(logdir)
+            with self._writing():
+                self._writer = tensorboard.SummaryWriter(logdir)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        import tensorflow as tf
+
+        try:
+            yield
+        except (OSError, tf.errors.OpError) as e:
+            self._writer = None  # closing it would try the write again
+            raise WriteError(
+                f"cannot write TensorBoard logs in {self._logdir}: {os_reason(e)}"
+            ) from e
 
     def scalars(self, step: int, values: Mapping[str, float]) -> None:
         if self._writer is not None:
-            for name, value in values.items():
-                self._writer.scalar(name, value, step)
+            with self._writing():
+                for name, value in values.items():
+                    self._writer.scalar(name, value, step)
 
     def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
         if self._writer is not None:
-            for name, image in images.items():
-                self._writer.image(name, image, step)
+            with self._writing():
+                for name, image in images.items():
+                    self._writer.image(name, image, step)
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            with self._writing():
+                self._writer.close()

@@ -215,7 +215,7 @@ def say_threshold(category: str, chosen: dict) -> None:
     """The image threshold, its rule and any warning about it, on the console."""
     console.say(f"{category}: image threshold {chosen['image']:.4g} = {chosen['rule']}")
     if "note" in chosen:
-        console.say(f"{category}: note: {chosen['note']}")
+        console.say_once("threshold note", f"{category}: note: {chosen['note']}")
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> dict:
@@ -227,6 +227,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
       fit: train (resuming) before evaluating; False evaluates saved models.
     """
     config_checks.validate(config)  # a bad value fails before any work
+    console.start_run()
     if not fit and not os.path.isdir(workdir):
         raise checkpointing.NoCheckpointError(
             f"Workdir {workdir} does not exist: nothing to evaluate; train first "
@@ -243,7 +244,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, fit: bool = True) -> di
     mesh = parallel.make_mesh()
     names = sources.category_names(config)
     categories = "1 category" if len(names) == 1 else f"{len(names)} categories"
-    console.say(f"{config.method}: {categories} of {sources.data_description(config)}")
+    console.say(
+        f"{config.method}: {categories} of {sources.data_description(config)} "
+        f"on {console.devices_description()}; results in {workdir}"
+    )
     shared = None
     if config.data.multiclass and fit:
         shared = fit_shared_model(config, workdir, names, mesh)

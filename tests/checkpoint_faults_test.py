@@ -80,43 +80,46 @@ def test_model_fields_are_recorded_and_a_mismatch_names_each_field(tmp_path):
     assert "another --workdir" in message and "\n" not in message
 
 
-def main(*args):
+def main(env, *args):
     return subprocess.run(
         [sys.executable, "-m", "recontrast_jax.main", "--config",
          "configs/quickstart.py", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        cwd=REPO, capture_output=True, text=True, timeout=600, env=env,
     )  # fmt: skip
 
 
-def test_the_command_line_falls_back_then_stops_with_one_line(tmp_path, tiny_dataset):
+def test_the_command_line_falls_back_then_stops_with_one_line(
+    tmp_path, tiny_dataset, cli_env
+):
     workdir = tmp_path / "work"
     common = [
         f"--workdir={workdir}", "--config.data.source=folder",
         f"--config.data.root={tiny_dataset}", "--config.data.categories=brick",
         "--config.model.arch=resnet_tiny", "--config.model.pretrained=",
         "--config.data.image_size=32", "--config.data.crop_size=32",
-        "--config.train.batch_size=4", "--config.eval.batch_size=4",
+        "--config.train.batch_size=5", "--config.eval.batch_size=4",
         "--config.report.num_heatmaps=0",
     ]  # fmt: skip
-    trained = main(*common, "--config.train.steps=4", "--config.checkpoint.every=2")
+    trained = main(
+        cli_env, *common, "--config.train.steps=4", "--config.checkpoint.every=2"
+    )
     assert trained.returncode == 0, trained.stderr[-2000:]
     checkpoints = workdir / "checkpoints" / "brick"
     garble(checkpoints / "4")
-    evaluated = main(*common, "--config.mode=evaluate")
+    evaluated = main(cli_env, *common, "--config.mode=evaluate")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert f"checkpoint {checkpoints / '4'} cannot be read" in evaluated.stderr
     assert "restored step 2" in evaluated.stderr
     assert "Traceback" not in evaluated.stderr
 
     garble(checkpoints / "2")
-    failed = main(*common, "--config.mode=evaluate")
+    failed = main(cli_env, *common, "--config.mode=evaluate")
     errors = [s for s in failed.stderr.splitlines() if s.startswith("error:")]
     assert failed.returncode == 1 and len(errors) == 1, failed.stderr[-2000:]
     assert "Traceback" not in failed.stderr
     assert f"No checkpoint in {checkpoints} can be read" in errors[0]
 
-    other = main(*common, "--config.model.arch=resnet_tiny_bottleneck")
+    other = main(cli_env, *common, "--config.model.arch=resnet_tiny_bottleneck")
     errors = [s for s in other.stderr.splitlines() if s.startswith("error:")]
     assert other.returncode == 1 and len(errors) == 1, other.stderr[-2000:]
     assert (

@@ -12,6 +12,8 @@ try:
 except ImportError:
     pass
 
+import os  # noqa: E402
+
 import pytest  # noqa: E402
 
 
@@ -26,4 +28,16 @@ def tiny_dataset(tmp_path):
         num_train=6,
         num_test_good=3,
         num_test_per_defect=1,
+    )
+
+
+@pytest.fixture
+def cli_env():
+    """The environment of command-line runs in fault tests: the CPU, with
+    LLVM's optimisation off, which halves the compile time that dominates
+    them (they check behaviour, not speed)."""
+    return dict(
+        os.environ,
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_backend_optimization_level=0",
     )

@@ -46,9 +46,12 @@ def test_ensure_finite_finds_one_bad_value_anywhere_in_the_tree():
 
 
 def test_huge_learning_rates_stop_with_one_line_and_finite_checkpoints(
-    tmp_path, tiny_dataset
+    tmp_path, tiny_dataset, cli_env
 ):
-    """Learning rates of 1e6 keep the state finite for a few steps, then not."""
+    """Learning rates of 1e6 keep the state finite for a few steps, then not.
+
+    A batch of 5 (all training images but the held-out one) compiles one step.
+    """
     workdir = tmp_path / "work"
     command = [
         sys.executable, "-m", "recontrast_jax.main",
@@ -57,14 +60,14 @@ def test_huge_learning_rates_stop_with_one_line_and_finite_checkpoints(
         "--config.data.categories=brick", "--config.model.arch=resnet_tiny",
         "--config.model.pretrained=", "--config.model.encoder_bn_train=True",
         "--config.data.image_size=32", "--config.data.crop_size=32",
-        "--config.train.batch_size=4", "--config.train.log_every=5",
+        "--config.train.batch_size=5", "--config.train.log_every=5",
         "--config.train.steps=20", "--config.checkpoint.every=1",
         "--config.checkpoint.max_to_keep=20", "--config.eval.every=100",
         "--config.optimizer.lr_decoder=1e6", "--config.optimizer.lr_encoder=1e6",
     ]  # fmt: skip
     proc = subprocess.run(
         command, cwd=REPO, capture_output=True, text=True, timeout=600,
-        env=dict(os.environ, JAX_PLATFORMS="cpu"),
+        env=cli_env,
     )  # fmt: skip
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr

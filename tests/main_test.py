@@ -144,3 +144,26 @@ def test_evaluate_without_a_checkpoint_creates_nothing(tmp_path):
     line = one_error_line(run_main(f"--workdir={work}", "--config.mode=evaluate"))
     assert "No checkpoint in" in line
     assert not (work / "checkpoints").exists()
+
+
+def test_the_console_shows_no_library_logs_unless_asked(tmp_path):
+    """No absl INFO lines and no probing for a TPU (JAX_PLATFORMS unset, so JAX
+    probes every backend); `--verbosity=0` brings the INFO lines back."""
+    args = [
+        sys.executable, "-m", "recontrast_jax.main", "--config",
+        "configs/quickstart.py", f"--workdir={tmp_path / 'work'}",
+        "--config.mode=evaluate",
+    ]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "JAX_PLATFORMS"}
+    quiet = subprocess.run(
+        args, cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert quiet.stderr.splitlines() == [
+        f"error: Workdir {tmp_path / 'work'} does not exist: nothing to evaluate; "
+        "train first (mode 'train')."
+    ]
+    verbose = subprocess.run(
+        [*args, "--verbosity=0"], cwd=REPO, env=env, capture_output=True, text=True,
+        timeout=300,
+    )  # fmt: skip
+    assert "] JAX " in verbose.stderr  # main's INFO line with the device count

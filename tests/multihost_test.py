@@ -20,6 +20,8 @@ prints why; if the probe works, the failure is reported as a failure.
 """
 
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -294,3 +296,61 @@ def test_incomplete_or_bad_settings_are_named():
         detect({distributed.ENV_NUM_PROCESSES: "two"})
     with pytest.raises(distributed.DistributedSetupError, match="not one of"):
         detect({}, mode="sometimes")
+
+
+PREEMPTED = textwrap.dedent(
+    """
+    import sys, time
+    from recontrast_jax import checkpointing, distributed, preemption
+    distributed.initialize()
+    manager = checkpointing.manager(sys.argv[1])
+    with preemption.StopRequest() as stop:
+        for step in range(1, 3000):
+            time.sleep(0.02)  # a training step
+            if step == 10:
+                print("running", flush=True)
+            if stop.reached(step, manager):
+                print(f"stopped after step {step} on {stop.signal_name}", flush=True)
+                break
+    """
+)
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path):
+    """JAX's preemption sync point through `StopRequest`: only process 1 gets
+    the signal, and both stop after the same step."""
+    address = f"127.0.0.1:{free_port()}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", PREEMPTED, str(tmp_path / "ckpt")],
+            env=dict(
+                base_env(),
+                RECONTRAST_COORDINATOR=address,
+                RECONTRAST_NUM_PROCESSES="2",
+                RECONTRAST_PROCESS_ID=str(pid),
+            ),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for pid in range(2)
+    ]
+    try:
+        for proc in procs:
+            seen = []  # gloo's connection lines come first
+            while not seen or seen[-1] not in ("running\n", ""):  # "": it ended
+                seen.append(proc.stdout.readline())
+            if seen[-1] == "":
+                pytest.skip(f"two processes cannot start here: {''.join(seen)[-500:]}")
+        procs[1].send_signal(signal.SIGTERM)
+        outputs = [proc.communicate(timeout=120)[0] for proc in procs]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+    stops = [re.findall(r"stopped after step (\d+)", out) for out in outputs]
+    assert all(len(s) == 1 for s in stops), outputs
+    assert stops[0] == stops[1], outputs
+    assert 10 <= int(stops[0][0]) < 2999
+    assert [proc.returncode for proc in procs] == [0, 0], outputs

@@ -123,7 +123,11 @@ def test_export_scores_equal_predict_scores(trained, tmp_path):
 def test_training_console_names_the_category_at_every_stage(trained):
     *_, data, console = trained
     text = console.replace("\r", "\n")
-    assert f"recontrast: 1 category of the folder {data}" in text
+    workdir = trained[1]
+    assert text.startswith(
+        f"recontrast: 1 category of the folder {data} on 1 CPU device; "
+        f"results in {workdir}\n"
+    )
     assert "grass train" in text and "compiling the train step" in text
     assert "grass held-out normals" in text and "grass test" in text
     assert "the first batch compiles" in text
