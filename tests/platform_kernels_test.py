@@ -54,9 +54,13 @@ def model_conv_shapes() -> frozenset[tuple[str, int, int, int]]:
 
     image = jnp.zeros((1, 64, 64, 3))
     with nn.intercept_methods(record):
-        for arch in resnet.ARCHS:
+        for arch in resnet.ARCHS:  # the module itself: a jit cache hit traces nothing
+            model = recontrast.ReContrast(arch)
             jax.eval_shape(
-                lambda r, a=arch: recontrast.init_variables(a, r, 64), jax.random.key(0)
+                lambda r, m=model: m.init(
+                    r, image, None, train=False, encoder_train=False
+                ),
+                jax.random.key(0),
             )
         for arch in densenet.DENSENET_ARCHS:
             encoder = backbones.make_encoder(arch)
