@@ -141,7 +141,9 @@ absl_logging.get_absl_logger().addFilter(_hide_orbax_errors_while_saving)
 
 
 def _hide_unretrieved_write_errors(record) -> bool:
-    return not (_saving or _save_failed)
+    first_line = record.getMessage().split("\n", 1)[0]  # 'Task exception was ...'
+    unretrieved = first_line.endswith("exception was never retrieved")
+    return not (unretrieved and (_saving or _save_failed))
 
 
 logging.getLogger("asyncio").addFilter(_hide_unretrieved_write_errors)
