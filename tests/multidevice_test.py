@@ -55,7 +55,7 @@ RUN_STEPS = textwrap.dedent(
 def run_with_devices(tmp_path, devices):
     out = tmp_path / f"run_{devices}.npz"
     env = dict(os.environ)
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
     env["JAX_PLATFORMS"] = "cpu"
     subprocess.run(
         [sys.executable, "-c", RUN_STEPS, str(out), str(devices)],

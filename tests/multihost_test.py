@@ -117,16 +117,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# Both sides compile with LLVM optimisation off: the programs are the same on
-# both sides, and this halves the compile time that dominates the test.
-FAST_COMPILE = "--xla_backend_optimization_level=0"
-
-
 def base_env() -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RECONTRAST_")}
     for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
         env.pop(name, None)  # this test launches its own processes
-    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO, XLA_FLAGS=FAST_COMPILE)
+    # XLA_FLAGS stays conftest's (LLVM optimisation off), the same on both sides.
+    env.update(JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
     return env
 
 

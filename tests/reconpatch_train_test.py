@@ -181,8 +181,8 @@ def test_one_and_two_devices_agree(tmp_path):
     results = []
     for devices in (1, 2):
         out = tmp_path / f"run_{devices}.npz"
-        env = dict(os.environ, JAX_PLATFORMS="cpu",
-                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")  # fmt: skip
+        env = dict(os.environ, JAX_PLATFORMS="cpu")  # conftest's XLA_FLAGS, plus:
+        env["XLA_FLAGS"] += f" --xla_force_host_platform_device_count={devices}"
         subprocess.run(
             [sys.executable, "-c", RUN_STEPS, str(out), str(devices)],
             check=True, env=env, timeout=300,
