@@ -178,9 +178,14 @@ def get_config() -> ml_collections.ConfigDict:
     config.predict.input = ""  # folder of images to score (searched recursively)
     config.predict.output = ""  # default: <workdir>/predictions/<category>
     config.predict.num_heatmaps = 1000  # overlays written (most anomalous first)
+    # jax: the checkpoint in process; onnxruntime | openvino: the export's
+    # model.onnx (run --config.mode=export first; extras of the same names).
+    config.predict.runtime = "jax"
+    config.predict.precision = "float32"  # bfloat16: OpenVINO on AVX-512 BF16/AMX
 
     config.export = ml_collections.ConfigDict()
     config.export.directory = ""  # default: <workdir>/export/<category>
+    config.export.onnx = True  # also model.onnx (needs the 'onnx' extra)
 
     config.report = ml_collections.ConfigDict()
     config.report.title = "ReContrast"

@@ -1,4 +1,4 @@
-"""Self-contained inference artifacts: ``jax.export`` and a TF SavedModel.
+"""Self-contained inference artifacts: ``jax.export``, ONNX and a TF SavedModel.
 
 An exported model takes uint8 RGB images already resized to
 ``(image_size, image_size)`` (PIL bilinear, as in training; see
@@ -13,6 +13,8 @@ works with the same artifact.
 Layout of an export directory::
 
   model.jax_export   serialized jax.export.Exported
+  model.onnx         the same function for ONNX Runtime and OpenVINO (with the
+                     `onnx` extra; `onnx_export.py`), the metadata embedded
   metadata.json      sizes, settings, input description, extra metadata
   saved_model/       TensorFlow SavedModel (only if jax2tf succeeded)
 """
@@ -41,6 +43,8 @@ from recontrast_jax.methods import lookup
 
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.jax_export"
+ONNX_FILE = "model.onnx"
+OUTPUT_NAMES = ("maps", "scores")
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 
@@ -220,6 +224,35 @@ def _save_tf_saved_model(fn, image_size: int, path: str) -> bool:
         return False
 
 
+class ExportError(ValueError):
+    """An artifact that cannot be written; the message names it."""
+
+
+def onnx_available() -> bool:
+    """Whether the `onnx` extra is installed (the ONNX export needs it)."""
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def save_onnx(fn, image_size: int, path: str, metadata: Mapping[str, Any]) -> None:
+    """Writes `fn` as an ONNX model with a dynamic batch; `metadata` embedded."""
+    from recontrast_jax import onnx_export
+
+    try:
+        model = onnx_export.convert(fn, _input_spec(image_size), OUTPUT_NAMES)
+    except onnx_export.UnsupportedPrimitive as e:
+        raise ExportError(
+            f"cannot write {path}: {e} (--config.export.onnx=False skips it)"
+        ) from None
+    for key, value in metadata.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    reports.atomic_write_bytes(path, model.SerializeToString())
+
+
 def export_model(
     model,
     config: ml_collections.ConfigDict,
@@ -227,6 +260,7 @@ def export_model(
     extra_metadata: Mapping[str, Any] | None = None,
     *,
     saved_model: bool = True,
+    onnx: bool = True,
     platforms: tuple[str, ...] | None = None,
 ) -> str:
     """Exports the model for inference on uint8 images of any batch size.
@@ -238,6 +272,8 @@ def export_model(
       extra_metadata: JSON-compatible values added to ``metadata.json`` (e.g.
         thresholds); keys must not clash with the standard ones.
       saved_model: Also try to write a TensorFlow SavedModel (jax2tf).
+      onnx: Also write `model.onnx` (needs the `onnx` extra; skipped with a
+        warning without it).
       platforms: ``jax.export`` platforms; None for the default backend.
 
     Returns:
@@ -252,6 +288,17 @@ def export_model(
         os.path.join(directory, EXPORT_FILE), bytes(exported.serialize())
     )
     metadata["platforms"] = list(exported.platforms)
+    metadata["onnx"] = onnx and onnx_available()
+    if onnx and not metadata["onnx"]:
+        console.say_once(
+            "no onnx",
+            "warning: no ONNX model written: the ONNX export needs "
+            "pip install 'recontrast_jax[onnx]'",
+        )
+    if metadata["onnx"]:
+        save_onnx(
+            fn, config.data.image_size, os.path.join(directory, ONNX_FILE), metadata
+        )
     metadata["saved_model"] = saved_model and _save_tf_saved_model(
         fn, config.data.image_size, os.path.join(directory, SAVED_MODEL_DIR)
     )
@@ -287,7 +334,7 @@ def load_exported(
                 f"export file {path} is missing (expected {EXPORT_FILE} and "
                 f"{METADATA_FILE} in {directory}, written by export_model)"
             )
-    metadata = _read_metadata(metadata_path)
+    metadata = read_metadata(metadata_path)
     with open(export_path, "rb") as f:
         exported = jax.export.deserialize(bytearray(f.read()))
     size = metadata["image_size"]
@@ -306,7 +353,7 @@ def load_exported(
     return predict, metadata
 
 
-def _read_metadata(path: str) -> dict:
+def read_metadata(path: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             metadata = json.load(f)
@@ -342,5 +389,7 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
         except (FileNotFoundError, ValueError) as e:
             logging.warning("%s: no thresholds in the export (%s)", category, e)
         directory = config.export.directory or os.path.join(workdir, "export", category)
-        directories.append(export_model(model, config, directory, extra))
+        directories.append(
+            export_model(model, config, directory, extra, onnx=config.export.onnx)
+        )
     return directories

@@ -33,6 +33,7 @@ from recontrast_jax import (
     pretrained,
     reports,
     run,
+    runtimes,
     workdir_lock,
 )
 from recontrast_jax.data import folder
@@ -173,6 +174,8 @@ def main(argv):
         FileNotFoundError,
         pretrained.PretrainedWeightsError,
         pretrained.ConversionError,
+        export.ExportError,
+        runtimes.RuntimeUnavailable,
     ) as e:
         fail(str(e))
 

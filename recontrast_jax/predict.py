@@ -22,8 +22,17 @@ import jax
 import ml_collections
 import numpy as np
 
-from recontrast_jax import console, evaluate, parallel, reports, run, thresholds
-from recontrast_jax.data import folder, sources
+from recontrast_jax import (
+    console,
+    evaluate,
+    export,
+    parallel,
+    reports,
+    run,
+    runtimes,
+    thresholds,
+)
+from recontrast_jax.data import folder, input_pipeline, sources
 from recontrast_jax.methods import lookup
 
 
@@ -95,12 +104,53 @@ def predict_category(
 
 
 def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
-    """Scores `samples` with the category's saved model (any method)."""
+    """Scores `samples` with the category's saved model (any method).
+
+    `predict.runtime` 'jax' runs the checkpoint in process; 'onnxruntime' and
+    'openvino' run the category's exported `model.onnx`.
+    """
+    if config.predict.runtime != "jax":
+        directory = config.export.directory or os.path.join(workdir, "export", category)
+        model, metadata = runtimes.load(
+            directory, config.predict.runtime, config.predict.precision
+        )
+        return score_exported(model, metadata, samples, config.eval.batch_size)
     mesh = parallel.make_mesh()
     method = lookup.get(config.method)
     model = method.restore(config, workdir, run.model_name(config, category), mesh)
     predict_fn = method.compile_predict(config, mesh)
     return evaluate.evaluate_split(predict_fn, model, samples, config, mesh)
+
+
+def score_exported(
+    model, metadata: dict, samples, batch_size: int
+) -> evaluate.SplitResult:
+    """Scores `samples` with an exported model, fed as its metadata describes."""
+    size, crop = metadata["image_size"], metadata["crop_size"]
+    top = input_pipeline.center_crop_offsets(size, crop)
+    parts = {"maps": [], "scores": [], "images": []}
+    bar = console.progress_bar(len(samples), "", "img", leave=False, disable=False)
+    for start in range(0, len(samples), batch_size):
+        images = np.stack([
+            export.preprocess_for_export(
+                folder.load_rgb(s.path), size, metadata["resize"], crop
+            )
+            for s in samples[start : start + batch_size]
+        ])  # fmt: skip
+        maps, scores = model(images)
+        parts["maps"].append(np.asarray(maps, np.float32))
+        parts["scores"].append(np.asarray(scores, np.float32))
+        parts["images"].append(images[:, top : top + crop, top : top + crop])
+        bar.update(len(images))
+    bar.close()
+    maps = np.concatenate(parts["maps"])
+    return evaluate.SplitResult(
+        maps=maps,
+        scores=np.concatenate(parts["scores"]),
+        masks=np.zeros(maps.shape, bool),
+        labels=np.zeros(len(maps), np.int64),
+        images=np.concatenate(parts["images"]),
+    )
 
 
 def prediction_rows(paths, root, result, chosen) -> list[dict]:

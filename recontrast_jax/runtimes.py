@@ -1,0 +1,142 @@
+"""Deployment runtimes for an exported model: ONNX Runtime and OpenVINO.
+
+`--config.predict.runtime=onnxruntime|openvino` scores images with the
+`model.onnx` that `--config.mode=export` wrote, exactly as a serving system
+would run it; `jax` (the default) scores them with the checkpoint in process.
+Each runtime is an extra of its own (`pip install 'recontrast_jax[onnxruntime]'`
+or `[openvino]`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Callable
+
+import numpy as np
+
+from recontrast_jax import export
+
+RUNTIMES = ("jax", "onnxruntime", "openvino")
+PRECISIONS = ("float32", "bfloat16")
+
+Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+
+class RuntimeUnavailable(RuntimeError):
+    """A runtime that cannot run here (not installed, no bfloat16, no model)."""
+
+
+def _import(module: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise RuntimeUnavailable(
+            f"predict.runtime={module!r} needs pip install 'recontrast_jax[{module}]'"
+        ) from None
+
+
+def onnx_path(directory: str) -> str:
+    """The export's `model.onnx`, with one clear error line when it is missing."""
+    path = os.path.join(directory, export.ONNX_FILE)
+    if not os.path.isfile(path):
+        raise RuntimeUnavailable(
+            f"no ONNX model {path}: run --config.mode=export first (with the "
+            "'onnx' extra installed)"
+        )
+    return path
+
+
+def load_onnxruntime(
+    path: str, precision: str = "float32", threads: int = 0
+) -> Predict:
+    """`predict(images_uint8) -> (maps, scores)` on ONNX Runtime's CPU provider."""
+    if precision != "float32":
+        raise RuntimeUnavailable(
+            f"predict.precision={precision!r} needs predict.runtime='openvino'; "
+            "ONNX Runtime runs the model in float32"
+        )
+    ort = _import("onnxruntime")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+
+    def predict(images: np.ndarray):
+        maps, scores = session.run(list(export.OUTPUT_NAMES), {"images": images})
+        return maps, scores
+
+    return predict
+
+
+def openvino_bfloat16_supported() -> bool:
+    """Whether OpenVINO's CPU plugin runs bfloat16 here (AVX-512 BF16 or AMX)."""
+    ov = _import("openvino")
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+
+
+def load_openvino(path: str, precision: str = "float32", threads: int = 0) -> Predict:
+    """`predict(images_uint8) -> (maps, scores)` on OpenVINO's CPU plugin."""
+    ov = _import("openvino")
+    if precision == "bfloat16" and not openvino_bfloat16_supported():
+        raise RuntimeUnavailable(
+            "predict.precision='bfloat16' needs a CPU with AVX-512 BF16 or AMX; "
+            "this one runs OpenVINO in float32 only"
+        )
+    properties = {
+        "INFERENCE_PRECISION_HINT": "bf16" if precision == "bfloat16" else "f32"
+    }
+    if threads:
+        properties["INFERENCE_NUM_THREADS"] = threads
+    compiled = ov.Core().compile_model(path, "CPU", properties)
+    maps_port, scores_port = (compiled.output(name) for name in export.OUTPUT_NAMES)
+
+    def predict(images: np.ndarray):
+        result = compiled(images)
+        return np.asarray(result[maps_port]), np.asarray(result[scores_port])
+
+    return predict
+
+
+def load(
+    directory: str, runtime: str, precision: str = "float32"
+) -> tuple[Predict, dict]:
+    """The exported model in `directory` on `runtime`, and its metadata.
+
+    Args:
+      directory: an export directory (`export.export_model`).
+      runtime: 'onnxruntime' or 'openvino' ('jax' runs the jax.export artifact).
+      precision: 'float32', or 'bfloat16' on OpenVINO where the CPU has it.
+
+    Returns:
+      `(predict, metadata)` as `export.load_exported`: `predict(images_uint8
+      [B, S, S, 3]) -> (maps [B, C, C], scores [B])`, numpy float32.
+    """
+    if runtime == "jax":
+        return export.load_exported(directory)
+    loader = {"onnxruntime": load_onnxruntime, "openvino": load_openvino}[runtime]
+    _, metadata = _metadata(directory)
+    run = loader(onnx_path(directory), precision)
+    size = metadata["image_size"]
+
+    def predict(images_uint8: np.ndarray):
+        images = np.asarray(images_uint8)
+        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+            raise ValueError(
+                f"the model exported in {directory} expects uint8 images "
+                f"[B, {size}, {size}, 3] (see export.preprocess_for_export), got "
+                f"{images.dtype} {images.shape}"
+            )
+        return run(np.ascontiguousarray(images))
+
+    return predict, metadata
+
+
+def _metadata(directory: str) -> tuple[str, dict]:
+    if not os.path.isdir(directory):
+        raise FileNotFoundError(f"export directory {directory} does not exist")
+    path = os.path.join(directory, export.METADATA_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"export file {path} is missing (run --config.mode=export)"
+        )
+    return path, export.read_metadata(path)
