@@ -31,6 +31,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 import onnx
+from jax.extend import core as jex_core
 from onnx import helper, numpy_helper
 
 OPSET = 18
@@ -228,7 +229,7 @@ def convert_jaxpr(b: GraphBuilder, jaxpr, consts, args) -> list[Tensor]:
     env: dict = {}
 
     def read(v) -> Tensor:
-        if isinstance(v, jax.extend.core.Literal):
+        if isinstance(v, jex_core.Literal):
             return _const(np.asarray(v.val, dtype=v.aval.dtype), v.aval)
         return env[v]
 
@@ -546,7 +547,7 @@ def _block_gather(b, x, indices, params, aval) -> Tensor:
     sizes = params["slice_sizes"]
     block_shape = tuple(sizes)
     block_aval = (
-        jax.core.ShapedArray(block_shape, aval.dtype)
+        jax.ShapeDtypeStruct(block_shape, aval.dtype)
         if _static_shape(block_shape)
         else None
     )
@@ -612,7 +613,15 @@ def _gather_nd(b, x, indices, dn, slice_sizes, aval) -> Tensor:
 
 @handles("iota")
 def _iota(b, eqn, ins):
-    raise UnsupportedPrimitive("iota with a symbolic shape")
+    """An iota over a symbolic shape: a broadcastable constant along its axis."""
+    p = eqn.params
+    axis, shape = p["dimension"], tuple(p["shape"])
+    if not _is_static(shape[axis]):
+        raise UnsupportedPrimitive("iota along the batch axis")
+    bshape = [1] * len(shape)
+    bshape[axis] = shape[axis]
+    value = np.arange(shape[axis], dtype=p["dtype"]).reshape(bshape)
+    return [Tensor(shape, value.dtype, const=value)]
 
 
 @handles("dim_as_value")
@@ -858,7 +867,7 @@ def _scan(b, eqn, ins):
         x_name = b.name_of(x, tuple(range(len(x.shape))), full=True)
         xs_in.append(
             _out(
-                jax.core.ShapedArray(x.shape[1:], x.dtype),
+                jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
                 body.op("Gather", x_name, step, axis=0),
             )
         )
