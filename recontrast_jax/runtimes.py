@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -28,6 +29,11 @@ class RuntimeUnavailable(RuntimeError):
 
 
 def _import(module: str):
+    if module == "openvino":
+        # Importing OpenVINO sends a usage event from a forked process
+        # (openvino_telemetry): a fork of a running JAX process can deadlock,
+        # and inspection machines are often offline. Its stub is used instead.
+        sys.modules.setdefault("openvino_telemetry", None)
     try:
         return importlib.import_module(module)
     except ImportError:
@@ -66,6 +72,11 @@ def load_onnxruntime(
         return maps, scores
 
     return predict
+
+
+def import_openvino():
+    """`openvino`, without its usage telemetry (see `_import`)."""
+    return _import("openvino")
 
 
 def openvino_bfloat16_supported() -> bool:

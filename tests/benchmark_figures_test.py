@@ -1,13 +1,15 @@
-"""The figure-making benchmark scripts: peaks on defects and the gallery picture."""
+"""Benchmark scripts: peaks on defects, the gallery picture, the CPU deploy table."""
 
 import importlib.util
 import os
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from recontrast_jax import evaluate, reports
+from recontrast_jax.models import reconpatch
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks")
 
@@ -66,3 +68,31 @@ def test_gallery_picture_takes_the_most_anomalous_cards_in_order(tmp_path):
     framed = load("gallery_picture").framed(str(tmp_path / "a.png"), True)
     assert framed.shape == (18, 28, 3)
     assert tuple(framed[0, 0]) == (200, 30, 30) and tuple(framed[9, 14]) == (10, 10, 10)
+
+
+def test_deploy_cpu_torch_patch_features_equal_the_project_ones():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(0)
+    layer2 = rng.normal(size=(2, 8, 8, 12)).astype(np.float32)
+    layer3 = rng.normal(size=(2, 4, 4, 20)).astype(np.float32)
+    nchw = [torch.from_numpy(x.transpose(0, 3, 1, 2).copy()) for x in (layer2, layer3)]
+    got = load("deploy_cpu").torch_patch_features(*nchw, 40, 24).numpy()
+    expected = reconpatch.patch_features(layer2, layer3, 40, 24)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_deploy_cpu_table_reports_failures_and_marks_other_backbones():
+    setting = {"arch": "resnet_tiny"}
+    timing = {"load_s": 1.0, "first_call_s": 2.0, "images_per_s": 1.0,
+              "peak_gib": 1.0, "imports_gib": 0.5, "setting": setting}  # fmt: skip
+    results = [
+        {"method": "patchcore", "runtime": "torch", "batch": 2, "seconds": 4.0,
+         "torch_arch": "resnet18", **timing},
+        {"method": "patchcore", "runtime": "jax", "batch": 2, "seconds": 1.0, **timing},
+        {"method": "patchcore", "runtime": "openvino", "batch": 2,
+         "error": "timed out after 600 s", "setting": setting},
+    ]  # fmt: skip
+    lines = load("deploy_cpu").table(results)
+    assert all(line.count("|") == 11 for line in lines[:5])
+    assert "| torch (resnet18) |" in lines[2] and lines[3].endswith("| 4.00* |")
+    assert "| timed out after 600 s |" in lines[4] and lines[-1].startswith("* torch")

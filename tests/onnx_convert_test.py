@@ -11,10 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import onnxruntime
-import openvino
 import pytest
 
-from recontrast_jax import onnx_export
+from recontrast_jax import onnx_export, runtimes
+
+openvino = runtimes.import_openvino()
 
 
 def _spec(*shape, dtype=jnp.float32):
