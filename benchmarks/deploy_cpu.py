@@ -13,7 +13,9 @@ images on:
   It has its own random weights: the work matches the other runtimes, the
   numbers do not;
 * `jax`: the library's jitted `compile_predict` in process, on normalised
-  float32 crops (as `evaluate.evaluate_split` feeds it);
+  float32 crops (as `evaluate.evaluate_split` feeds it); ReContrast's state
+  is restored from a checkpoint as predict mode does (`recontrast.restore`:
+  no optimiser state);
 * `onnxruntime`, `openvino` (float32) and `openvino-bf16` (where the CPU has
   bfloat16; dropped with a note elsewhere): the `model.onnx` that
   `export.export_model` wrote, through `runtimes.load`, on uint8 images (crop
@@ -21,16 +23,16 @@ images on:
 
 The export is written once per setting by a setup process (`--export-timeout`)
 into `--cache/<method>_<arch>_<image>x<crop>[_bank<M>]` and reused when it is
-there; the jax process rebuilds the same model from the same seeds (weights
-from `config.seed`, bank from numpy seed 0), so every runtime but torch runs
-the same weights. The settings are the paper configs' (configs/mvtec.py:bottle
+there, with ReContrast's checkpoint beside it; for PatchCore the jax process
+rebuilds the same model from the same seeds (weights from `config.seed`, bank
+from numpy seed 0), so every runtime but torch runs the same weights. The settings are the paper configs' (configs/mvtec.py:bottle
 for ReContrast, 256 px; configs/patchcore_mvtec.py for PatchCore, 256 px
 cropped to 224, squared L2, 16384 x 1024 bank) with random weights, and
 `--arch`/sizes overridden when given.
 
 Every (method, runtime, batch) is a fresh process, so its peak RSS is its own
 (`of it imports` is the RSS once the runtime's modules are imported, before the
-model: `recontrast_jax.runtimes` imports jax and TensorFlow). It builds or
+model; `recontrast_jax.runtimes` imports neither jax nor TensorFlow). It builds or
 loads the model (`load s`), makes one first call (`first call s`, where XLA
 compiles and ONNX Runtime/OpenVINO allocate), then `--repeats` calls whose
 median is `s/batch`. Every runtime keeps its default thread count (all cores,
@@ -178,21 +180,36 @@ def jax_model(setting: dict, config):
              "normalization": normalization}]  # fmt: skip
 
 
+CHECKPOINT_CATEGORY = "bench"  # its category name in the cached workdir
+
+
+def workdir(setting: dict) -> str:
+    """Where the setup saves the ReContrast checkpoint that the jax child restores."""
+    return os.path.join(setting["export_dir"], "workdir")
+
+
 def setup(setting_json: str) -> None:
-    """Setup process: exports the model unless the cache holds it already."""
-    from recontrast_jax import export
+    """Setup process: exports the model (and saves ReContrast's checkpoint) once."""
+    from recontrast_jax import checkpointing, export
+    from recontrast_jax.methods import recontrast
 
     setting = json.loads(setting_json)
     directory = setting["export_dir"]
-    files = (export.ONNX_FILE, export.METADATA_FILE)
-    if all(os.path.isfile(os.path.join(directory, f)) for f in files):
+    files = [
+        os.path.join(directory, f) for f in (export.ONNX_FILE, export.METADATA_FILE)
+    ]
+    checkpoint = recontrast.checkpoint_dir(workdir(setting), CHECKPOINT_CATEGORY)
+    if setting["method"] == "recontrast":
+        files.append(checkpoint)
+    if all(os.path.exists(f) for f in files):
         print(json.dumps({"export_dir": directory, "cached": True}), flush=True)
         return
     config = configure(setting)
     start = time.perf_counter()
-    export.export_model(
-        jax_model(setting, config), config, directory, saved_model=False
-    )
+    model = jax_model(setting, config)
+    export.export_model(model, config, directory, saved_model=False)
+    if setting["method"] == "recontrast":
+        checkpointing.save(checkpointing.manager(checkpoint, config=config), 1, model)
     result = {"export_dir": directory, "cached": False,
               "export_s": time.perf_counter() - start}  # fmt: skip
     print(json.dumps(result), flush=True)
@@ -308,8 +325,12 @@ def jax_run(setting: dict, config, images):
     from recontrast_jax.methods import lookup
 
     mesh = parallel.make_mesh()
-    model = parallel.replicate(mesh, jax_model(setting, config))
-    predict = lookup.get(config.method).compile_predict(config, mesh)
+    method = lookup.get(config.method)
+    if setting["method"] == "recontrast":  # as predict mode: restored, no optimiser
+        model = method.restore(config, workdir(setting), CHECKPOINT_CATEGORY, mesh)
+    else:
+        model = parallel.replicate(mesh, jax_model(setting, config))
+    predict = method.compile_predict(config, mesh)
     crops = normalised_crops(images, config.data.crop_size)
 
     def run():

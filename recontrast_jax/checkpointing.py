@@ -220,13 +220,41 @@ def _abstract(target):
     return jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, target)
 
 
+def _restore_step(mngr: ocp.CheckpointManager, step: int, target, partial: bool):
+    abstract = _abstract(target)
+    if not partial:
+        return mngr.restore(step, args=ocp.args.StandardRestore(abstract))
+    # The standard handler reads whole trees; its PyTree handler (the same
+    # files) reads the named items only.
+    reader = ocp.CheckpointManager(
+        mngr.directory, item_handlers=ocp.PyTreeCheckpointHandler()
+    )
+    try:
+        return reader.restore(
+            step,
+            args=ocp.args.PyTreeRestore(
+                item=abstract,
+                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                partial_restore=True,
+            ),
+        )
+    finally:
+        reader.close()
+
+
 def _cause(error: Exception) -> str:
     text = str(error).strip().splitlines()
     return f"{type(error).__name__}: {text[0] if text else ''}"
 
 
-def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
+def restore(
+    mngr: ocp.CheckpointManager, target, step: int | None = None, partial: bool = False
+):
     """Restores `step` (None: the newest readable) into `target`'s structure.
+
+    With `partial`, `target` is a dict naming some of the saved top-level
+    items (arrays or `jax.ShapeDtypeStruct`s with shardings); only they are
+    read.
 
     Raises:
       NoCheckpointError: `step` is not in the directory.
@@ -234,13 +262,13 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
         cannot be read; the message names it and the cause.
     """
     if step is None:
-        return restore_latest(mngr, target)
+        return restore_latest(mngr, target, partial=partial)
     if step not in mngr.all_steps():
         raise NoCheckpointError(
             f"No checkpoint for step {step} in {mngr.directory}; have {list(mngr.all_steps())}."
         )
     try:
-        return mngr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
+        return _restore_step(mngr, step, target, partial)
     except Exception as e:  # garbled files fail in many ways inside orbax
         raise UnreadableCheckpointError(
             f"Checkpoint {os.path.join(mngr.directory, str(step))} cannot be read "
@@ -248,7 +276,9 @@ def restore(mngr: ocp.CheckpointManager, target, step: int | None = None):
         ) from e
 
 
-def restore_latest(mngr: ocp.CheckpointManager, target, set_aside: bool = False):
+def restore_latest(
+    mngr: ocp.CheckpointManager, target, set_aside: bool = False, partial: bool = False
+):
     """Restores the newest readable checkpoint into `target`'s structure.
 
     An unreadable checkpoint is named in a warning and the next older one is
@@ -265,7 +295,7 @@ def restore_latest(mngr: ocp.CheckpointManager, target, set_aside: bool = False)
     for step in sorted(mngr.all_steps(), reverse=True):
         path = os.path.join(mngr.directory, str(step))
         try:
-            return mngr.restore(step, args=ocp.args.StandardRestore(_abstract(target)))
+            return _restore_step(mngr, step, target, partial)
         except Exception as e:  # garbled files fail in many ways inside orbax
             unreadable.append(f"{path} ({_cause(e)})")
             console.say(f"warning: checkpoint {path} cannot be read ({_cause(e)})")

@@ -39,14 +39,16 @@ import numpy as np
 
 from recontrast_jax import console, parallel, reports, run, thresholds
 from recontrast_jax.data import sources
+from recontrast_jax.export_format import (  # noqa: E402, F401 (this module's surface)
+    EXPORT_FILE,
+    FORMAT_VERSION,
+    METADATA_FILE,
+    ONNX_FILE,
+    OUTPUT_NAMES,
+    SAVED_MODEL_DIR,
+    read_metadata,
+)
 from recontrast_jax.methods import lookup
-
-FORMAT_VERSION = 1
-EXPORT_FILE = "model.jax_export"
-ONNX_FILE = "model.onnx"
-OUTPUT_NAMES = ("maps", "scores")
-METADATA_FILE = "metadata.json"
-SAVED_MODEL_DIR = "saved_model"
 
 INPUT_DESCRIPTION = (
     "uint8 RGB images [batch, image_size, image_size, 3], resized from the "
@@ -351,21 +353,6 @@ def load_exported(
         return np.asarray(maps), np.asarray(scores)
 
     return predict, metadata
-
-
-def read_metadata(path: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as f:
-            metadata = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read export metadata {path}: {e}") from None
-    version = metadata.get("format_version") if isinstance(metadata, dict) else None
-    if version != FORMAT_VERSION:
-        raise ValueError(
-            f"export metadata {path} has format_version {version!r}; this code "
-            f"reads version {FORMAT_VERSION}"
-        )
-    return metadata
 
 
 def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[str]:

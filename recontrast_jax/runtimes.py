@@ -4,7 +4,8 @@
 `model.onnx` that `--config.mode=export` wrote, exactly as a serving system
 would run it; `jax` (the default) scores them with the checkpoint in process.
 Each runtime is an extra of its own (`pip install 'recontrast_jax[onnxruntime]'`
-or `[openvino]`).
+or `[openvino]`). Loading a model here imports neither jax nor TensorFlow, so a
+serving process holds only numpy, the runtime and the model.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from recontrast_jax import export
+from recontrast_jax import export_format
 
 RUNTIMES = ("jax", "onnxruntime", "openvino")
 PRECISIONS = ("float32", "bfloat16")
@@ -44,7 +45,7 @@ def _import(module: str):
 
 def onnx_path(directory: str) -> str:
     """The export's `model.onnx`, with one clear error line when it is missing."""
-    path = os.path.join(directory, export.ONNX_FILE)
+    path = os.path.join(directory, export_format.ONNX_FILE)
     if not os.path.isfile(path):
         raise RuntimeUnavailable(
             f"no ONNX model {path}: run --config.mode=export first (with the "
@@ -68,7 +69,7 @@ def load_onnxruntime(
     session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
     def predict(images: np.ndarray):
-        maps, scores = session.run(list(export.OUTPUT_NAMES), {"images": images})
+        maps, scores = session.run(list(export_format.OUTPUT_NAMES), {"images": images})
         return maps, scores
 
     return predict
@@ -99,7 +100,9 @@ def load_openvino(path: str, precision: str = "float32", threads: int = 0) -> Pr
     if threads:
         properties["INFERENCE_NUM_THREADS"] = threads
     compiled = ov.Core().compile_model(path, "CPU", properties)
-    maps_port, scores_port = (compiled.output(name) for name in export.OUTPUT_NAMES)
+    maps_port, scores_port = (
+        compiled.output(name) for name in export_format.OUTPUT_NAMES
+    )
 
     def predict(images: np.ndarray):
         result = compiled(images)
@@ -123,6 +126,8 @@ def load(
       [B, S, S, 3]) -> (maps [B, C, C], scores [B])`, numpy float32.
     """
     if runtime == "jax":
+        from recontrast_jax import export  # jax and TensorFlow, only for this one
+
         return export.load_exported(directory)
     loader = {"onnxruntime": load_onnxruntime, "openvino": load_openvino}[runtime]
     _, metadata = _metadata(directory)
@@ -145,9 +150,9 @@ def load(
 def _metadata(directory: str) -> tuple[str, dict]:
     if not os.path.isdir(directory):
         raise FileNotFoundError(f"export directory {directory} does not exist")
-    path = os.path.join(directory, export.METADATA_FILE)
+    path = os.path.join(directory, export_format.METADATA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"export file {path} is missing (run --config.mode=export)"
         )
-    return path, export.read_metadata(path)
+    return path, export_format.read_metadata(path)

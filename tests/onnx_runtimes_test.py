@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import subprocess
+import sys
 
 import numpy as np
 import onnx
@@ -156,3 +158,14 @@ def test_missing_model_and_missing_runtime_fail_in_one_line(
         runtimes.RuntimeUnavailable, match=r"recontrast_jax\[openvino\]"
     ):
         runtimes.load(directory, "openvino")
+
+
+def test_serving_imports_neither_jax_nor_tensorflow():
+    code = (
+        "import sys; from recontrast_jax import runtimes; "
+        "print(sorted(m for m in ('jax', 'tensorflow', 'torch') if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"

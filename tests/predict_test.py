@@ -241,3 +241,25 @@ def test_predict_with_no_readable_image_is_one_error(trained, tmp_path):
     config.predict.input = str(tmp_path / "in")
     with pytest.raises(folder.DatasetError, match="none of the 1 images"):
         predict.predict(config, workdir)
+
+
+def test_inference_restores_the_weights_without_the_optimiser_state(trained):
+    import jax
+
+    from recontrast_jax import parallel
+    from recontrast_jax.methods import recontrast
+
+    config, workdir, *_ = trained
+    mesh = parallel.make_mesh()
+    ckpt = checkpointing.existing_manager(recontrast.checkpoint_dir(workdir, "grass"))
+    full = checkpointing.restore(ckpt, recontrast.fresh_state(config, mesh, ""))
+    state = recontrast.restore(config, workdir, "grass", mesh)
+    assert state.opt_state is None and int(state.step) == int(full.step) == 2
+    assert jax.tree.leaves(full.opt_state)  # it was saved, and is not read
+    for name in ("params", "batch_stats", "frozen"):
+        expected, actual = getattr(full, name), getattr(state, name)
+        assert jax.tree.structure(expected) == jax.tree.structure(actual)
+        for e, a in zip(
+            jax.tree.leaves(expected), jax.tree.leaves(actual), strict=True
+        ):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))

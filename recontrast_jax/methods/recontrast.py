@@ -224,8 +224,37 @@ def restore(config: ml_collections.ConfigDict, workdir: str, category: str, mesh
             f"No checkpoint in {ckpt.directory}: train first (mode 'train')."
         )
     step = config.checkpoint.step
-    state = fresh_state(config, mesh, "")
-    return checkpointing.restore(ckpt, state, None if step in (None, -1) else step)
+    restored = checkpointing.restore(
+        ckpt, inference_target(config, mesh), None if step in (None, -1) else step,
+        partial=True,
+    )  # fmt: skip
+    return TrainState(opt_state=None, **restored)
+
+
+INFERENCE_FIELDS = ("step", "params", "batch_stats", "frozen")
+
+
+def inference_target(config: ml_collections.ConfigDict, mesh) -> dict:
+    """Shapes and shardings of what inference reads from a checkpoint.
+
+    Evaluate, predict and export never read the optimiser state (two more
+    copies of the trainable weights in AdamW) and need no initialised model to
+    restore into: the target is abstract, and only these fields are read.
+    """
+    tx = make_optimizer(config.optimizer)
+    abstract = jax.eval_shape(
+        lambda: create_train_state(
+            config.model.arch, config.data.crop_size, tx, jax.random.key(0), ""
+        )
+    )
+    replicated = parallel.replicated(mesh)
+    return {
+        name: jax.tree.map(
+            lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+            getattr(abstract, name),
+        )
+        for name in INFERENCE_FIELDS
+    }
 
 
 def model_step(state: TrainState) -> int:
