@@ -129,7 +129,6 @@ def score_exported(
     size, crop = metadata["image_size"], metadata["crop_size"]
     top = input_pipeline.center_crop_offsets(size, crop)
     parts = {"maps": [], "scores": [], "images": []}
-    bar = console.progress_bar(len(samples), "", "img", leave=False, disable=False)
     for start in range(0, len(samples), batch_size):
         images = np.stack([
             export.preprocess_for_export(
@@ -141,8 +140,6 @@ def score_exported(
         parts["maps"].append(np.asarray(maps, np.float32))
         parts["scores"].append(np.asarray(scores, np.float32))
         parts["images"].append(images[:, top : top + crop, top : top + crop])
-        bar.update(len(images))
-    bar.close()
     maps = np.concatenate(parts["maps"])
     return evaluate.SplitResult(
         maps=maps,
@@ -169,6 +166,16 @@ def prediction_rows(paths, root, result, chosen) -> list[dict]:
     ]
 
 
+def runner_description(config: ml_collections.ConfigDict) -> str:
+    """'1 CPU device', or the runtime that runs the exported models."""
+    if config.predict.runtime == "jax":
+        return console.devices_description()
+    names = {"onnxruntime": "ONNX Runtime", "openvino": "OpenVINO"}
+    return (
+        f"{names[config.predict.runtime]} ({config.predict.precision}, exported models)"
+    )
+
+
 def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Predict mode: every configured category's model scores the input folder."""
     if not config.predict.input:
@@ -178,7 +185,7 @@ def predict(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     console.say(
         f"{config.method}: predicting {len(paths)} images under "
         f"{config.predict.input} with the models in {workdir} on "
-        f"{console.devices_description()}"
+        f"{runner_description(config)}"
     )
     outputs = []
     for category in sources.category_names(config):

@@ -149,7 +149,9 @@ def load(
 
 def _metadata(directory: str) -> tuple[str, dict]:
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"export directory {directory} does not exist")
+        raise FileNotFoundError(
+            f"export directory {directory} does not exist: run --config.mode=export first"
+        )
     path = os.path.join(directory, export_format.METADATA_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(
