@@ -16,7 +16,8 @@ graph is written from the jaxpr of `export.inference_fn` (the function the
   the convolution's weights and bias.
 - The batch dimension is symbolic (`batch`): shapes that depend on it are
   computed in the graph from the input's shape.
-- `lax.map`/`lax.scan` (the memory-bank search) become ONNX `Scan` loops.
+- `lax.map`/`lax.scan` (the memory-bank search) become ONNX `Loop`s, which
+  OpenVINO nests (it rejects nested `Scan`s).
 
 A primitive without a translation raises `UnsupportedPrimitive` naming it.
 """
@@ -98,7 +99,7 @@ def _onnx_dtype(dtype) -> int:
 
 
 class GraphBuilder:
-    """Nodes and initializers of one ONNX graph (a Scan body has its own)."""
+    """Nodes and initializers of one ONNX graph (a Loop body has its own nodes)."""
 
     def __init__(self, root: GraphBuilder | None = None):
         self.root = root or self
@@ -121,7 +122,7 @@ class GraphBuilder:
         return self.node(op, inputs, **attrs)[0]
 
     def constant(self, value) -> str:
-        """An initializer of the root graph (Scan bodies read it by name)."""
+        """An initializer of the root graph (Loop bodies read it by name)."""
         value = np.asarray(value)
         root = self.root
         key = id(value)
@@ -424,11 +425,6 @@ def _squeeze(b, eqn, ins):
     bshape = tuple(d for a, d in enumerate(x.bshape) if a not in axes)
     perm = _renumber_after_removing(x.perm, axes)
     return [_out(eqn.outvars[0].aval, name, perm, bshape)]
-
-
-@handles("expand_dims")
-def _expand_dims(b, eqn, ins):
-    raise UnsupportedPrimitive("expand_dims")
 
 
 @handles("transpose")
@@ -841,55 +837,57 @@ def _cond(b, eqn, ins):
 
 @handles("scan")
 def _scan(b, eqn, ins):
-    """`lax.scan` as an ONNX Loop (OpenVINO nests Loops, not Scans).
-
-    The body reads the scan's constants from the outer graph by name and
-    takes step i of each scanned input with a Gather.
-    """
+    """`lax.scan` as an ONNX Loop (OpenVINO nests Loops, not Scans)."""
     p = eqn.params
-    n_consts, n_carry = p["num_consts"], p["num_carry"]
-    consts, carry, xs = (
-        ins[:n_consts],
-        ins[n_consts : n_consts + n_carry],
-        ins[n_consts + n_carry :],
-    )
-    closed = p["jaxpr"]
-    body = GraphBuilder(root=b.root)
-    step, condition = body.fresh("step"), body.fresh("condition")
-    carry_in = [
-        _graph_input(body, v.aval, "carry")
-        for v in closed.jaxpr.invars[n_consts : n_consts + n_carry]
-    ]
     if p["reverse"]:
         raise UnsupportedPrimitive("a reversed scan")
-    xs_in = []
-    for x in xs:
-        x_name = b.name_of(x, tuple(range(len(x.shape))), full=True)
-        xs_in.append(
-            _out(
-                jax.ShapeDtypeStruct(x.shape[1:], x.dtype),
-                body.op("Gather", x_name, step, axis=0),
-            )
-        )
-    outs = convert_closed(body, closed, consts + [t for t, _ in carry_in] + xs_in)
-    out_names = [
-        body.op("Identity", body.name_of(o, tuple(range(len(o.shape))), full=True))
-        for o in outs
-    ]
-    graph = helper.make_graph(
-        body.nodes, body.fresh("loop_body"),
-        [helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
-         helper.make_tensor_value_info(condition, onnx.TensorProto.BOOL, [])]
-        + [i for _, i in carry_in],
-        [helper.make_tensor_value_info(body.op("Identity", condition), onnx.TensorProto.BOOL, [])]
-        + [_value_info(n, v.aval) for n, v in zip(out_names, closed.jaxpr.outvars, strict=True)],
-    )  # fmt: skip
+    n_consts, n_carry = p["num_consts"], p["num_carry"]
+    consts, carry = ins[:n_consts], ins[n_consts : n_consts + n_carry]
+    xs = ins[n_consts + n_carry :]
+    graph = _loop_body(b, p["jaxpr"], consts, n_carry, xs)
     initial = [b.name_of(t, tuple(range(len(t.shape))), full=True) for t in carry]
     trip_count = b.op("Reshape", b.dim(p["length"]), b.ints([]))
     names = b.node(
         "Loop", [trip_count, "", *initial], outputs=len(eqn.outvars), body=graph
     )
     return [_out(v.aval, n) for n, v in zip(names, eqn.outvars, strict=True)]
+
+
+def _loop_body(b, closed, consts, n_carry: int, xs) -> onnx.GraphProto:
+    """`(step, condition, *carry) -> (condition, *carry, *ys)` of a scan's body.
+
+    The body reads the scan's constants from the outer graph by name and takes
+    step i of each scanned input with a Gather.
+    """
+    body = GraphBuilder(root=b.root)
+    step, condition = body.fresh("step"), body.fresh("condition")
+    invars = closed.jaxpr.invars[len(consts) : len(consts) + n_carry]
+    carry_in = [_graph_input(body, v.aval, "carry") for v in invars]
+    xs_in = []
+    for x in xs:
+        outer = b.name_of(x, tuple(range(len(x.shape))), full=True)
+        aval = jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+        xs_in.append(_out(aval, body.op("Gather", outer, step, axis=0)))
+    outs = convert_closed(body, closed, consts + [t for t, _ in carry_in] + xs_in)
+    out_names = [
+        body.op("Identity", body.name_of(o, tuple(range(len(o.shape))), full=True))
+        for o in outs
+    ]
+    flags = [
+        helper.make_tensor_value_info(step, onnx.TensorProto.INT64, []),
+        helper.make_tensor_value_info(condition, onnx.TensorProto.BOOL, []),
+    ]
+    condition_out = helper.make_tensor_value_info(
+        body.op("Identity", condition), onnx.TensorProto.BOOL, []
+    )
+    outputs = [
+        _value_info(n, v.aval)
+        for n, v in zip(out_names, closed.jaxpr.outvars, strict=True)
+    ]
+    return helper.make_graph(
+        body.nodes, body.fresh("loop_body"), flags + [i for _, i in carry_in],
+        [condition_out, *outputs],
+    )  # fmt: skip
 
 
 def _graph_input(b: GraphBuilder, aval, hint: str):
@@ -960,7 +958,7 @@ def _subgraphs(node: onnx.NodeProto):
 
 
 def _uses(graph: onnx.GraphProto, counts: dict[str, int]) -> dict[str, int]:
-    """How often each tensor name is read, inside Scan bodies included."""
+    """How often each tensor name is read, inside Loop bodies included."""
     for node in graph.node:
         for name in node.input:
             counts[name] = counts.get(name, 0) + 1
