@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from recontrast_jax import anomaly_maps, default_config, runtimes, thresholds
+from recontrast_jax import anomaly_maps, default_config, export_format, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.methods import lookup, patchcore
 from recontrast_jax.models import backbones, de_resnet
@@ -37,8 +37,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "eval.map_rule": anomaly_maps.MAP_RULES,
         "patchcore.distance": patchcore.DISTANCES,
         "threshold.rule": thresholds.RULES,
-        "predict.runtime": runtimes.RUNTIMES,
-        "predict.precision": runtimes.PRECISIONS,
+        "predict.runtime": export_format.RUNTIMES,
+        "predict.precision": export_format.PRECISIONS,
     }
     for field, allowed in choices.items():
         if _field(config, field) not in allowed:

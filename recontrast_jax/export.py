@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from recontrast_jax import console, parallel, reports, run, thresholds
+from recontrast_jax import console, onnx_export, parallel, reports, run, thresholds
 from recontrast_jax.data import sources
 from recontrast_jax.export_format import (  # noqa: E402, F401 (this module's surface)
     EXPORT_FILE,
@@ -232,17 +232,11 @@ class ExportError(ValueError):
 
 def onnx_available() -> bool:
     """Whether the `onnx` extra is installed (the ONNX export needs it)."""
-    try:
-        import onnx  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return onnx_export.onnx is not None
 
 
 def save_onnx(fn, image_size: int, path: str, metadata: Mapping[str, Any]) -> None:
     """Writes `fn` as an ONNX model with a dynamic batch; `metadata` embedded."""
-    from recontrast_jax import onnx_export
-
     try:
         model = onnx_export.convert(fn, _input_spec(image_size), OUTPUT_NAMES)
     except onnx_export.UnsupportedPrimitive as e:

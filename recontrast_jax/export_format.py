@@ -14,6 +14,8 @@ ONNX_FILE = "model.onnx"
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_DIR = "saved_model"
 OUTPUT_NAMES = ("maps", "scores")
+RUNTIMES = ("jax", "onnxruntime", "openvino")  # predict.runtime (runtimes.py)
+PRECISIONS = ("float32", "bfloat16")  # predict.precision (OpenVINO only)
 
 
 def read_metadata(path: str) -> dict:

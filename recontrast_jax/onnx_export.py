@@ -31,9 +31,13 @@ from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
-import onnx
 from jax.extend import core as jex_core
-from onnx import helper, numpy_helper
+
+try:  # the `onnx` extra; `export` writes no ONNX model without it
+    import onnx
+    from onnx import helper, numpy_helper
+except ImportError:
+    onnx = helper = numpy_helper = None
 
 OPSET = 18
 INT64_MAX = np.iinfo(np.int64).max
@@ -914,6 +918,8 @@ def convert(
       spec: the input's shape (first dimension symbolic) and dtype.
       output_names: a name for each output of `fn`.
     """
+    if onnx is None:
+        raise ImportError("the ONNX export needs pip install 'recontrast_jax[onnx]'")
     closed = jax.make_jaxpr(fn)(spec)
     b = GraphBuilder()
     b.batch_symbol = _batch_symbol(spec.shape[0])

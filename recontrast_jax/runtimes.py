@@ -19,8 +19,8 @@ import numpy as np
 
 from recontrast_jax import export_format
 
-RUNTIMES = ("jax", "onnxruntime", "openvino")
-PRECISIONS = ("float32", "bfloat16")
+RUNTIMES = export_format.RUNTIMES
+PRECISIONS = export_format.PRECISIONS
 
 Predict = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 
@@ -118,17 +118,19 @@ def load(
 
     Args:
       directory: an export directory (`export.export_model`).
-      runtime: 'onnxruntime' or 'openvino' ('jax' runs the jax.export artifact).
+      runtime: 'onnxruntime' or 'openvino' (`export.load_exported` runs the
+        jax.export artifact).
       precision: 'float32', or 'bfloat16' on OpenVINO where the CPU has it.
 
     Returns:
       `(predict, metadata)` as `export.load_exported`: `predict(images_uint8
       [B, S, S, 3]) -> (maps [B, C, C], scores [B])`, numpy float32.
     """
-    if runtime == "jax":
-        from recontrast_jax import export  # jax and TensorFlow, only for this one
-
-        return export.load_exported(directory)
+    if runtime not in ("onnxruntime", "openvino"):
+        raise ValueError(
+            f"runtimes.load runs model.onnx on 'onnxruntime' or 'openvino', not "
+            f"{runtime!r} (the jax.export artifact: export.load_exported)"
+        )
     loader = {"onnxruntime": load_onnxruntime, "openvino": load_openvino}[runtime]
     _, metadata = _metadata(directory)
     run = loader(onnx_path(directory), precision)
