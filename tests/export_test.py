@@ -207,3 +207,23 @@ def test_wrong_input_shape_is_rejected(export_dir):
     predict, _ = export.load_exported(export_dir)
     with pytest.raises(ValueError, match="preprocess_for_export"):
         predict(np.zeros((1, CROP_SIZE, CROP_SIZE, 3), np.uint8))
+
+
+def test_without_the_onnx_extra_the_export_skips_model_onnx(
+    state, tmp_path, monkeypatch, capsys
+):
+    from recontrast_jax import console, onnx_export
+
+    monkeypatch.setattr(onnx_export, "onnx", None)
+    console.start_run()
+    directory = export.export_model(state, _config(), tmp_path, saved_model=False)
+    assert not os.path.exists(os.path.join(directory, export.ONNX_FILE))
+    with open(os.path.join(directory, export.METADATA_FILE)) as f:
+        assert json.load(f)["onnx"] is False
+    assert "pip install 'recontrast_jax[onnx]'" in capsys.readouterr().err
+    predict, _ = export.load_exported(directory)  # the jax.export artifact is whole
+    assert predict(np.zeros((1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8))[0].shape == (
+        1,
+        CROP_SIZE,
+        CROP_SIZE,
+    )
