@@ -21,23 +21,12 @@ import io
 import json
 import os
 import platform
-import sys
 
 import numpy as np
+from method_comparison import load_config
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from recontrast_jax import evaluate, export, predict, runtimes  # noqa: E402
-from recontrast_jax.data import sources  # noqa: E402
-
-
-def load_config(path: str):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from recontrast_jax import evaluate, export, predict, runtimes
+from recontrast_jax.data import sources
 
 
 def cpu_name() -> str:

@@ -42,7 +42,7 @@ reported as such in the table.
 Paper setting (wide_resnet50_2, batches 1, 2, 16; tens of minutes and several
 GiB on a 16-core host):
 
-  python benchmarks/deploy_cpu.py --out /tmp/deploy_cpu/deploy_cpu.json
+  python benchmarks/deploy_cpu.py --out deploy_cpu.json
 
 Quick check (`torch` for `resnet_tiny` runs torchvision resnet18 for PatchCore,
 a heavier network, its ratios marked `*`; ReContrast's torch network is
@@ -66,7 +66,10 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+
+import torch_side_by_side as side
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CONFIGS = os.path.join(os.path.dirname(HERE), "configs")
@@ -78,7 +81,7 @@ TORCH_ARCHS = {"resnet_tiny": "resnet18"}
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Imported before the clock starts; the peak RSS after them is reported apart.
 IMPORTS = {
-    "torch": ("torch", "torchvision", "scipy.ndimage", "torch_side_by_side"),
+    "torch": ("torch", "torchvision", "scipy.ndimage"),
     "jax": ("jax", "recontrast_jax.methods.lookup", "recontrast_jax.parallel"),
     "onnxruntime": ("onnxruntime", "recontrast_jax.runtimes"),
     "openvino": ("openvino", "recontrast_jax.runtimes"),
@@ -293,7 +296,6 @@ def torch_patchcore_predict(backbone, bank, images, config):
 def torch_run(setting: dict, config, images) -> tuple:
     """`run()` for PyTorch eager, and the torchvision arch it runs."""
     import torch
-    import torch_side_by_side as side
     import torchvision
 
     torch.manual_seed(config.seed)
@@ -360,24 +362,12 @@ class Unavailable(RuntimeError):
     """A runtime that cannot run this setting here: reported, not failed."""
 
 
-def seconds(fn) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
-
-
-def peak_gib() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
-
-
 def measure(setting: dict, runtime: str, batch: int, repeats: int) -> dict:
     config = configure(setting)
     images = uint8_images(batch, config.data.image_size)
     for module in IMPORTS[runtime.split("-")[0]]:
         importlib.import_module(module)
-    extra = {"imports_gib": peak_gib()}
+    extra = {"imports_gib": side.peak_gib()}
     start = time.perf_counter()
     if runtime == "torch":
         import torch
@@ -389,8 +379,8 @@ def measure(setting: dict, runtime: str, batch: int, repeats: int) -> dict:
     else:
         run = exported_run(setting, runtime, images)
     load = time.perf_counter() - start
-    first = seconds(run)
-    steady = statistics.median(seconds(run) for _ in range(repeats))
+    first = side.seconds(run)
+    steady = statistics.median(side.seconds(run) for _ in range(repeats))
     return {"load_s": load, "first_call_s": first, "seconds": steady,
             "images_per_s": batch / steady, **extra}  # fmt: skip
 
@@ -404,7 +394,7 @@ def child(request_json: str) -> None:
         )
     except Unavailable as e:
         result = {"unavailable": str(e)}
-    result["peak_gib"] = peak_gib()
+    result["peak_gib"] = side.peak_gib()
     print(json.dumps(result), flush=True)
 
 
@@ -447,15 +437,13 @@ def bfloat16_note(timeout: float) -> str | None:
 
 def host() -> str:
     """torch_side_by_side's host line plus the two deployment runtimes."""
-    import torch_side_by_side
-
     versions = []
     for package in ("onnxruntime", "openvino"):
         try:
             versions.append(f"{package} {importlib.metadata.version(package)}")
         except importlib.metadata.PackageNotFoundError:
             versions.append(f"{package} not installed")
-    return f"{torch_side_by_side.host()}, {', '.join(versions)}"
+    return f"{side.host()}, {', '.join(versions)}"
 
 
 def measure_all(args, runtimes: list[str]) -> list[dict]:
@@ -554,7 +542,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=600, help="s per runtime")
     parser.add_argument("--export-timeout", type=float, default=1800)
-    parser.add_argument("--cache", default="/tmp/deploy_cpu_cache")
+    parser.add_argument(
+        "--cache", default=os.path.join(tempfile.gettempdir(), "deploy_cpu_cache")
+    )
     parser.add_argument("--out", help="JSON path; the table goes next to it (.md)")
     args = parser.parse_args()
     for name, known in (("methods", PAPER_CONFIGS), ("runtimes", RUNTIMES)):

@@ -46,6 +46,7 @@ from recontrast_jax.export_format import (  # noqa: E402, F401 (this module's su
     ONNX_FILE,
     OUTPUT_NAMES,
     SAVED_MODEL_DIR,
+    checked_images,
     read_metadata,
 )
 from recontrast_jax.methods import lookup
@@ -336,13 +337,7 @@ def load_exported(
     size = metadata["image_size"]
 
     def predict(images_uint8: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        images = np.asarray(images_uint8)
-        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-            raise ValueError(
-                f"the model exported in {directory} expects uint8 images "
-                f"[B, {size}, {size}, 3] (see preprocess_for_export), got "
-                f"{images.dtype} {images.shape}"
-            )
+        images = checked_images(images_uint8, size, directory)
         maps, scores = exported.call(images)
         return np.asarray(maps), np.asarray(scores)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 FORMAT_VERSION = 1
 EXPORT_FILE = "model.jax_export"
 ONNX_FILE = "model.onnx"
@@ -31,3 +33,15 @@ def read_metadata(path: str) -> dict:
             f"reads version {FORMAT_VERSION}"
         )
     return metadata
+
+
+def checked_images(images_uint8, size: int, directory: str) -> np.ndarray:
+    """The batch as a contiguous uint8 array, or a ValueError naming the contract."""
+    images = np.asarray(images_uint8)
+    if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
+        raise ValueError(
+            f"the model exported in {directory} expects uint8 images "
+            f"[B, {size}, {size}, 3] (see export.preprocess_for_export), got "
+            f"{images.dtype} {images.shape}"
+        )
+    return np.ascontiguousarray(images)

@@ -1031,7 +1031,7 @@ def _fold_one(graph, conv, node, initializers) -> bool:
     else:
         bias = bias + value if node.op_type == "Add" else bias - value
     names = [_add_initializer(graph, initializers, conv.name or conv.output[0], a)
-             for a in (weights.astype(weights.dtype), bias.astype(weights.dtype))]  # fmt: skip
+             for a in (weights, bias.astype(weights.dtype))]  # fmt: skip
     del conv.input[1:]
     conv.input.extend(names)
     conv.output[0] = node.output[0]

@@ -132,24 +132,17 @@ def load(
             f"{runtime!r} (the jax.export artifact: export.load_exported)"
         )
     loader = {"onnxruntime": load_onnxruntime, "openvino": load_openvino}[runtime]
-    _, metadata = _metadata(directory)
+    metadata = _metadata(directory)
     run = loader(onnx_path(directory), precision)
     size = metadata["image_size"]
 
     def predict(images_uint8: np.ndarray):
-        images = np.asarray(images_uint8)
-        if images.dtype != np.uint8 or images.shape[1:] != (size, size, 3):
-            raise ValueError(
-                f"the model exported in {directory} expects uint8 images "
-                f"[B, {size}, {size}, 3] (see export.preprocess_for_export), got "
-                f"{images.dtype} {images.shape}"
-            )
-        return run(np.ascontiguousarray(images))
+        return run(export_format.checked_images(images_uint8, size, directory))
 
     return predict, metadata
 
 
-def _metadata(directory: str) -> tuple[str, dict]:
+def _metadata(directory: str) -> dict:
     if not os.path.isdir(directory):
         raise FileNotFoundError(
             f"export directory {directory} does not exist: run --config.mode=export first"
@@ -159,4 +152,4 @@ def _metadata(directory: str) -> tuple[str, dict]:
         raise FileNotFoundError(
             f"export file {path} is missing (run --config.mode=export)"
         )
-    return path, export_format.read_metadata(path)
+    return export_format.read_metadata(path)
