@@ -128,7 +128,7 @@ def test_upsample_matches_torch_bilinear(in_hw, out_hw):
     expected = torch.nn.functional.interpolate(
         nhwc_to_torch(torch, u), size=out_hw, mode="bilinear", align_corners=False
     ).numpy()
-    got = np.asarray(reconpatch.upsample_unfolded(u, out_hw)).transpose(0, 3, 1, 2)
+    got = np.asarray(reconpatch.upsample_bilinear(u, out_hw)).transpose(0, 3, 1, 2)
     np.testing.assert_allclose(got, expected, atol=1e-5)
 
 
@@ -142,7 +142,23 @@ def test_adaptive_pool_matches_torch(length, out):
         torch.from_numpy(v)[:, None, :], out
     )[:, 0].numpy()
     got = np.asarray(reconpatch.adaptive_avg_pool_1d(v, out))
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("length", [4608, 9216, 2048])
+def test_paper_size_pooling_is_sums_not_a_matrix_product(length):
+    """The `[L, 1024]` averaging matrix would cost as much as PatchCore's kNN."""
+    jaxpr = jax.make_jaxpr(lambda v: reconpatch.adaptive_avg_pool_1d(v, 1024))(
+        np.zeros((784, length), np.float32)
+    )
+    primitives = {equation.primitive.name for equation in jaxpr.jaxpr.eqns}
+    assert "dot_general" not in primitives
+    assert "reduce_sum" in primitives
+
+
+def test_adaptive_pool_rejects_empty_sizes():
+    with pytest.raises(ValueError, match="L=0, O=4"):
+        reconpatch.adaptive_avg_pool_1d(np.zeros((2, 0), np.float32), 4)
 
 
 @pytest.mark.parametrize(
@@ -163,4 +179,38 @@ def test_patch_features_match_torch_transcription(
     got = np.asarray(fn(layer2, layer3, pretrain_dim, target_dim))
     expected = torch_patch_features(torch, layer2, layer3, pretrain_dim, target_dim)
     assert got.shape == (shape2[0], shape2[1] * shape2[2], target_dim)
-    np.testing.assert_allclose(got, expected, atol=1e-5)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def numpy_unfold(x):
+    """torch Unfold(3, padding=1) order: [B, h, w, C * 9], C-major then (ky, kx)."""
+    batch, height, width, channels = x.shape
+    padded = np.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    out = np.empty((batch, height, width, channels, 3, 3), x.dtype)
+    for ky in range(3):
+        for kx in range(3):
+            out[..., ky, kx] = padded[:, ky : ky + height, kx : kx + width]
+    return out.reshape(batch, height, width, channels * 9)
+
+
+@pytest.mark.parametrize(
+    "channels,out", [(8, 32), (8, 8), (512, 1024), (16, 32), (8, 24), (4, 7)]
+)
+def test_pooled_neighbourhoods_equal_pooling_the_unfolded_vectors(channels, out):
+    """Shifted sums where the bins tile each channel alike, unfold + pool elsewhere."""
+    x = random_nhwc(5, (2, 5, 6, channels))
+    got = np.asarray(reconpatch.pooled_neighbourhoods(x, out))
+    expected = naive_adaptive_pool(numpy_unfold(x), out)
+    assert got.shape == (2, 5, 6, out)
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_paper_size_patch_features_never_build_the_unfolded_tensors():
+    """WRN-50's 4608- and 9216-long vectors would cost 9x the memory traffic."""
+    layer2 = np.zeros((1, 28, 28, 512), np.float32)
+    layer3 = np.zeros((1, 14, 14, 1024), np.float32)
+    jaxpr = jax.make_jaxpr(lambda a, b: reconpatch.patch_features(a, b, 1024, 1024))(
+        layer2, layer3
+    )
+    widths = {v.aval.shape[-1] for eqn in jaxpr.jaxpr.eqns for v in eqn.outvars}
+    assert not widths & {4608, 9216}, sorted(widths)

@@ -132,7 +132,7 @@ def score_features(model, features, settings: FeatureSettings, crop: int, sigma)
     batch, patches = patch_scores.shape
     side = int(round(patches**0.5))
     grid = patch_scores.reshape(batch, side, side, 1)
-    maps = reconpatch.upsample_unfolded(grid, (crop, crop))[..., 0]
+    maps = reconpatch.upsample_bilinear(grid, (crop, crop))[..., 0]
     return anomaly_maps.gaussian_blur(maps, sigma), scores
 
 

@@ -2,19 +2,23 @@
 
 Pure JAX functions on NHWC float32 arrays that reproduce the PatchCore reference
 code (`PatchMaker`, `Preprocessing`/`MeanMapper`, `Aggregator`): a 3x3 zero-padded
-neighbourhood is unfolded per layer, the deeper layer's *unfolded* tensor is
-resized bilinearly to the shallower layer's grid, each neighbourhood vector is
-adaptive-average-pooled to a common length, and the two layers are pooled
-together into one vector per patch.
+neighbourhood is unfolded per layer, each neighbourhood vector is
+adaptive-average-pooled to a common length, the deeper layer is resized
+bilinearly to the shallower layer's grid, and the two layers are pooled together
+into one vector per patch. PatchCore resizes the unfolded tensor before pooling;
+both are linear maps on different axes, so the order does not change the result
+beyond float rounding, and pooling first resizes 9x less data.
 
-The resizing and pooling operators are fixed linear maps whose coefficients
-depend only on static shapes, so they are built in numpy at trace time and
-applied with full-precision matmuls: exact, jit-friendly and fast.
+The resizing operator is a fixed linear map whose coefficients depend only on
+static shapes, so it is built in numpy at trace time and applied with
+full-precision matmuls; the pooling is a few sums of shifted maps per bin.
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import operator
 
 import flax.linen as nn
 import jax
@@ -22,6 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 _HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _neighbour_shifts(x: jax.Array) -> list[jax.Array]:
+    """The 9 zero-padded shifts of `[B, h, w, C]`, in torch Unfold's (ky, kx) order."""
+    if x.ndim != 4:
+        raise ValueError(f"unfold_3x3 expects [B, h, w, C], got shape {x.shape}")
+    height, width = x.shape[1:3]
+    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    # Plain shifted slices rather than a patch convolution: exact on every backend.
+    return [
+        padded[:, ky : ky + height, kx : kx + width, :]
+        for ky in range(3)
+        for kx in range(3)
+    ]
 
 
 def unfold_3x3(x: jax.Array) -> jax.Array:
@@ -34,18 +52,35 @@ def unfold_3x3(x: jax.Array) -> jax.Array:
         `[B, h, w, C * 9]`; each vector is flattened channel-major, then (ky, kx),
         which is the order torch's Unfold uses for its `C * 9` axis.
     """
-    if x.ndim != 4:
-        raise ValueError(f"unfold_3x3 expects [B, h, w, C], got shape {x.shape}")
-    batch, height, width, channels = x.shape
-    padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
-    # Plain shifted slices rather than a patch convolution: exact on every backend.
-    shifts = [
-        padded[:, ky : ky + height, kx : kx + width, :]
-        for ky in range(3)
-        for kx in range(3)
+    stacked = jnp.stack(_neighbour_shifts(x), axis=-1)  # [B, h, w, C, 9]
+    return stacked.reshape(*x.shape[:3], x.shape[3] * 9)
+
+
+def pooled_neighbourhoods(x: jax.Array, out: int) -> jax.Array:
+    """`adaptive_avg_pool_1d(unfold_3x3(x), out)`, PatchCore's `MeanMapper` of one layer.
+
+    Where the bins tile each channel's 9 neighbours alike (WRN-50: one bin of 9
+    for layer3, two of 5 for layer2), every bin is a sum of shifted maps and the
+    9x larger unfolded tensor is never built.
+
+    Args:
+        x: features `[B, h, w, C]`.
+        out: pooled length O.
+
+    Returns:
+        `[B, h, w, O]`.
+    """
+    shifts = _neighbour_shifts(x)
+    channels, out = int(x.shape[-1]), int(out)
+    _check_pool_sizes(channels * 9, out)
+    periods, bounds = _period_bins(channels * 9, out)
+    if periods != channels or len(bounds) > _MAX_SLICED_BINS:
+        return adaptive_avg_pool_1d(unfold_3x3(x), out)
+    means = [
+        functools.reduce(operator.add, shifts[start:end]) / (end - start)
+        for start, end in bounds
     ]
-    stacked = jnp.stack(shifts, axis=-1)  # [B, h, w, C, 9]: C-major, then (ky, kx)
-    return stacked.reshape(batch, height, width, channels * 9)
+    return jnp.stack(means, axis=-1).reshape(*x.shape[:3], out)
 
 
 @functools.lru_cache(maxsize=64)
@@ -67,24 +102,29 @@ def _bilinear_matrix(in_size: int, out_size: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
-def upsample_unfolded(u: jax.Array, size: tuple[int, int]) -> jax.Array:
+def upsample_bilinear(u: jax.Array, size: tuple[int, int]) -> jax.Array:
     """Bilinear resize (PyTorch `align_corners=False`, no antialias) of every channel.
 
     Args:
-        u: unfolded features `[B, h3, w3, C * 9]` (any channel count works).
-        size: target spatial size `(h2, w2)`.
+        u: features `[B, h, w, C]`.
+        size: target spatial size `(H, W)`.
 
     Returns:
-        `[B, h2, w2, C * 9]`, each channel resized independently, exactly as
-        PatchCore resizes the `[B * C * 9, h3, w3]` view of the unfolded tensor.
+        `[B, H, W, C]`, each channel resized independently, as
+        `F.interpolate(mode="bilinear")` resizes a `[B * C, h, w]` view.
     """
     if u.ndim != 4:
-        raise ValueError(f"upsample_unfolded expects [B, h, w, C], got shape {u.shape}")
+        raise ValueError(f"upsample_bilinear expects [B, h, w, C], got shape {u.shape}")
     out_h, out_w = (int(s) for s in size)
     rows = jnp.asarray(_bilinear_matrix(u.shape[1], out_h))
     cols = jnp.asarray(_bilinear_matrix(u.shape[2], out_w))
     resized = jnp.einsum("Hh,bhwc->bHwc", rows, u, precision=_HIGHEST)
     return jnp.einsum("Ww,bhwc->bhWc", cols, resized, precision=_HIGHEST)
+
+
+def _check_pool_sizes(length: int, out: int) -> None:
+    if length < 1 or out < 1:
+        raise ValueError(f"adaptive pool needs positive sizes, got L={length}, O={out}")
 
 
 @functools.lru_cache(maxsize=64)
@@ -101,8 +141,7 @@ def adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
     Returns:
         float32 matrix M with `v @ M` equal to the pooled vector.
     """
-    if length < 1 or out < 1:
-        raise ValueError(f"adaptive pool needs positive sizes, got L={length}, O={out}")
+    _check_pool_sizes(length, out)
     matrix = np.zeros((length, out), dtype=np.float64)
     for i in range(out):
         start = (i * length) // out
@@ -111,8 +150,33 @@ def adaptive_pool_matrix(length: int, out: int) -> np.ndarray:
     return matrix.astype(np.float32)
 
 
+# Above this many bins per period, slicing costs more than the matrix product.
+_MAX_SLICED_BINS = 8
+
+
+def _period_bins(length: int, out: int) -> tuple[int, list[tuple[int, int]]]:
+    """Number of periods and the (start, end) of each bin in one period.
+
+    The bins repeat every `length // g` inputs and `out // g` outputs, with
+    `g = gcd(length, out)`, so one period's bounds describe them all.
+    """
+    periods = math.gcd(length, out)
+    period_in, period_out = length // periods, out // periods
+    bounds = [
+        ((i * period_in) // period_out, -((-(i + 1) * period_in) // period_out))
+        for i in range(period_out)
+    ]
+    return periods, bounds
+
+
 def adaptive_avg_pool_1d(v: jax.Array, out: int) -> jax.Array:
     """PyTorch's `adaptive_avg_pool1d` over the last axis.
+
+    Computed as slice means over the bins' period (9216 -> 1024: one mean of 9;
+    4608 -> 1024: two overlapping means of 5), which costs a few sums per bin
+    where the averaging matrix costs a `[L, O]` product per vector, as much as
+    the nearest-neighbour search in PatchCore's paper setting. Periods with
+    more than `_MAX_SLICED_BINS` bins use the matrix.
 
     Args:
         v: array `[..., L]`.
@@ -121,8 +185,15 @@ def adaptive_avg_pool_1d(v: jax.Array, out: int) -> jax.Array:
     Returns:
         `[..., O]` bin means.
     """
-    matrix = jnp.asarray(adaptive_pool_matrix(int(v.shape[-1]), int(out)))
-    return jnp.matmul(v, matrix, precision=_HIGHEST)
+    length, out = int(v.shape[-1]), int(out)
+    _check_pool_sizes(length, out)
+    periods, bounds = _period_bins(length, out)
+    if len(bounds) > _MAX_SLICED_BINS:
+        matrix = jnp.asarray(adaptive_pool_matrix(length, out))
+        return jnp.matmul(v, matrix, precision=_HIGHEST)
+    grouped = v.reshape(*v.shape[:-1], periods, length // periods)
+    means = [jnp.mean(grouped[..., start:end], axis=-1) for start, end in bounds]
+    return jnp.stack(means, axis=-1).reshape(*v.shape[:-1], out)
 
 
 def patch_features(
@@ -150,16 +221,17 @@ def patch_features(
             f"[B, h3, w3, C3] with the same B, got {layer2.shape} and {layer3.shape}"
         )
     batch, height, width, _ = layer2.shape
-    # Unfold before upsampling: the neighbourhood is taken at layer3 resolution.
-    unfolded2 = unfold_3x3(layer2)
-    unfolded3 = upsample_unfolded(unfold_3x3(layer3), (height, width))
-    per_layer = [
-        adaptive_avg_pool_1d(u.reshape(batch, height * width, -1), pretrain_dim)
-        for u in (unfolded2, unfolded3)
-    ]
+    # The neighbourhood is taken at layer3 resolution (unfold before upsampling).
+    # Pooling along the feature axis and resizing along the spatial axes are
+    # linear maps on different axes, so they commute: resizing the pooled layer3
+    # equals PatchCore's resizing of the 9x larger unfolded tensor.
+    pooled2 = pooled_neighbourhoods(layer2, pretrain_dim)
+    pooled3 = upsample_bilinear(
+        pooled_neighbourhoods(layer3, pretrain_dim), (height, width)
+    )
     # Stacking [N, 2, D] then flattening equals concatenating along the last axis.
-    stacked = jnp.concatenate(per_layer, axis=-1)
-    return adaptive_avg_pool_1d(stacked, target_dim)
+    stacked = jnp.concatenate([pooled2, pooled3], axis=-1)
+    return adaptive_avg_pool_1d(stacked.reshape(batch, height * width, -1), target_dim)
 
 
 def torch_linear_init(key, shape, dtype=jnp.float32):
