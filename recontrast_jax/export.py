@@ -344,6 +344,13 @@ def load_exported(
     return predict, metadata
 
 
+def export_directory(
+    config: ml_collections.ConfigDict, workdir: str, category: str
+) -> str:
+    """`export.directory`, by default `<workdir>/export/<category>`."""
+    return config.export.directory or os.path.join(workdir, "export", category)
+
+
 def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[str]:
     """Export mode: writes one artifact per category from its checkpoint.
 
@@ -364,7 +371,7 @@ def export_categories(config: ml_collections.ConfigDict, workdir: str) -> list[s
             )
         except (FileNotFoundError, ValueError) as e:
             logging.warning("%s: no thresholds in the export (%s)", category, e)
-        directory = config.export.directory or os.path.join(workdir, "export", category)
+        directory = export_directory(config, workdir, category)
         directories.append(
             export_model(model, config, directory, extra, onnx=config.export.onnx)
         )

@@ -26,6 +26,7 @@ from recontrast_jax import (
     console,
     evaluate,
     export,
+    export_format,
     parallel,
     reports,
     run,
@@ -79,10 +80,7 @@ def predict_category(
     """Scores `paths` with the model of `category`; returns the output dir."""
     samples = [folder.Sample(p, None, 0, "unknown") for p in paths]
     result = score_samples(config, workdir, category, samples)
-    calibration = (
-        {} if config.threshold.rule == "fixed" else thresholds.load(workdir, category)
-    )
-    chosen = thresholds.choose(calibration, config.threshold)
+    chosen, calibration = category_thresholds(config, workdir, category)
     run.say_threshold(category, chosen)
     output = config.predict.output or os.path.join(workdir, "predictions", category)
     rows = prediction_rows(paths, config.predict.input, result, chosen)
@@ -103,6 +101,38 @@ def predict_category(
     return output
 
 
+def category_thresholds(config, workdir: str, category: str) -> tuple[dict, dict]:
+    """The chosen thresholds and the calibration they were chosen from.
+
+    On an exported runtime without a calibration in `workdir` (a deploy machine
+    that holds only the export directory), the thresholds that export mode
+    wrote into the metadata are used.
+    """
+    if config.threshold.rule == "fixed":
+        return thresholds.choose({}, config.threshold), {}
+    try:
+        calibration = thresholds.load(workdir, category)
+    except FileNotFoundError:
+        exported = exported_thresholds(config, workdir, category)
+        if exported is None:
+            raise
+        console.say(
+            f"{category}: no calibration in {workdir}; thresholds from the export"
+        )
+        return exported, {}
+    return thresholds.choose(calibration, config.threshold), calibration
+
+
+def exported_thresholds(config, workdir: str, category: str) -> dict | None:
+    """The thresholds in the export's metadata, if predict runs an export that has them."""
+    path = os.path.join(
+        export.export_directory(config, workdir, category), export_format.METADATA_FILE
+    )
+    if config.predict.runtime == "jax" or not os.path.isfile(path):
+        return None
+    return export_format.read_metadata(path).get("thresholds")
+
+
 def score_samples(config, workdir: str, category: str, samples) -> evaluate.SplitResult:
     """Scores `samples` with the category's saved model (any method).
 
@@ -110,9 +140,10 @@ def score_samples(config, workdir: str, category: str, samples) -> evaluate.Spli
     'openvino' run the category's exported `model.onnx`.
     """
     if config.predict.runtime != "jax":
-        directory = config.export.directory or os.path.join(workdir, "export", category)
         model, metadata = runtimes.load(
-            directory, config.predict.runtime, config.predict.precision
+            export.export_directory(config, workdir, category),
+            config.predict.runtime,
+            config.predict.precision,
         )
         return score_exported(model, metadata, samples, config.eval.batch_size)
     mesh = parallel.make_mesh()

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -118,6 +120,35 @@ def test_predict_mode_on_a_runtime_writes_the_same_decisions(exported, tmp_path)
     assert [r[0] for r in rows["jax"]] == [r[0] for r in rows["onnxruntime"]]
     for jax_row, onnx_row in zip(rows["jax"][1:], rows["onnxruntime"][1:], strict=True):
         assert float(onnx_row[1]) == pytest.approx(float(jax_row[1]), rel=1e-5)
+
+
+def test_a_deploy_machine_with_only_the_export_uses_its_thresholds(exported, tmp_path):
+    """No workdir calibration: predict decides with the metadata's thresholds."""
+    config, workdir, directory, _ = exported
+    config = config.copy_and_resolve_references()
+    config.predict.input = str(config.data.root) + "/grass/test"
+    config.predict.runtime = "onnxruntime"
+    outputs = {}
+    for name, place in (("trained", workdir), ("deployed", str(tmp_path / "empty"))):
+        if name == "deployed":
+            config.export.directory = str(shutil.copytree(directory, tmp_path / "export"))
+        config.predict.output = outputs[name] = str(tmp_path / name)
+        with contextlib.redirect_stderr(io.StringIO()):
+            predict.predict(config, place)
+    with open(os.path.join(directory, "metadata.json")) as f:
+        metadata = json.load(f)
+    summaries = {}
+    for name, output in outputs.items():
+        with open(os.path.join(output, "summary.json")) as f:
+            summaries[name] = json.load(f)
+    assert summaries["deployed"]["thresholds"] == metadata["thresholds"]
+    assert (
+        summaries["trained"]["thresholds"]["image"] == metadata["thresholds"]["image"]
+    )
+    for name in outputs:
+        with open(os.path.join(outputs[name], "predictions.csv")) as f:
+            outputs[name] = f.read()
+    assert outputs["deployed"] == outputs["trained"]
 
 
 def test_the_graph_has_a_dynamic_batch_metadata_and_folded_batchnorm(exported):
