@@ -131,7 +131,9 @@ def test_a_deploy_machine_with_only_the_export_uses_its_thresholds(exported, tmp
     outputs = {}
     for name, place in (("trained", workdir), ("deployed", str(tmp_path / "empty"))):
         if name == "deployed":
-            config.export.directory = str(shutil.copytree(directory, tmp_path / "export"))
+            config.export.directory = str(
+                shutil.copytree(directory, tmp_path / "export")
+            )
         config.predict.output = outputs[name] = str(tmp_path / name)
         with contextlib.redirect_stderr(io.StringIO()):
             predict.predict(config, place)
