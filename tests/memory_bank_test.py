@@ -65,6 +65,33 @@ def test_nearest_neighbors_query_chunking_only():
     )
 
 
+@pytest.mark.parametrize("budget", [4 * 5, 4 * 12 * 12])  # bank blocks, one block
+@pytest.mark.parametrize("k", [1, 2])
+def test_nearest_neighbors_keep_the_lower_index_on_ties(budget, k):
+    base = _rng(7).normal(size=(6, 4)).astype(np.float32)
+    bank = np.concatenate([base, base])  # rows i and i + 6 are equal
+    queries = base + _rng(8).normal(scale=0.3, size=base.shape).astype(np.float32)
+    dist, idx = memory_bank.nearest_neighbors(queries, bank, k, budget)
+    full = cdist(queries.astype(np.float64), bank.astype(np.float64))
+    expected_idx = np.argsort(full, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(idx), expected_idx)
+    np.testing.assert_allclose(
+        np.asarray(dist), np.take_along_axis(full, expected_idx, 1), atol=1e-5
+    )
+
+
+def test_one_block_search_is_one_product_without_a_loop():
+    """A bank that fits the budget leaves the ONNX runtimes one plain MatMul."""
+    queries = np.zeros((30, 8), np.float32)
+    bank = np.zeros((20, 8), np.float32)
+    jaxpr = jax.make_jaxpr(
+        lambda q, b: memory_bank.nearest_neighbors(q, b, 1, 4 * 30 * 20)
+    )(queries, bank)
+    text = str(jaxpr)
+    assert "while" not in text and "scan" not in text
+    assert text.count("dot_general") == 1
+
+
 def test_nearest_neighbors_rejects_k_larger_than_bank():
     with pytest.raises(ValueError, match="bank size"):
         memory_bank.nearest_neighbors(np.zeros((2, 3)), np.zeros((2, 3)), k=3)
