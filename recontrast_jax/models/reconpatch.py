@@ -31,7 +31,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def _neighbour_shifts(x: jax.Array) -> list[jax.Array]:
     """The 9 zero-padded shifts of `[B, h, w, C]`, in torch Unfold's (ky, kx) order."""
     if x.ndim != 4:
-        raise ValueError(f"unfold_3x3 expects [B, h, w, C], got shape {x.shape}")
+        raise ValueError(f"3x3 neighbourhoods need [B, h, w, C], got shape {x.shape}")
     height, width = x.shape[1:3]
     padded = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     # Plain shifted slices rather than a patch convolution: exact on every backend.
