@@ -106,7 +106,7 @@ def category_thresholds(config, workdir: str, category: str) -> tuple[dict, dict
 
     On an exported runtime without a calibration in `workdir` (a deploy machine
     that holds only the export directory), the thresholds that export mode
-    wrote into the metadata are used.
+    chose and wrote into the metadata are used, whatever rule is configured now.
     """
     if config.threshold.rule == "fixed":
         return thresholds.choose({}, config.threshold), {}
@@ -117,7 +117,8 @@ def category_thresholds(config, workdir: str, category: str) -> tuple[dict, dict
         if exported is None:
             raise
         console.say(
-            f"{category}: no calibration in {workdir}; thresholds from the export"
+            f"{category}: no calibration in {workdir}; using the thresholds chosen "
+            "at export (the --config.threshold settings are not applied)"
         )
         return exported, {}
     return thresholds.choose(calibration, config.threshold), calibration
