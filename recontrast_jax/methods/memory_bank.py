@@ -298,14 +298,7 @@ def _chunked_knn(
             dist_sq = jnp.where(ids < bank_size, dist_sq, jnp.inf)
         return _smallest(dist_sq, ids, block_k)
 
-    def search_query_block(query_block):
-        query_sq = _squared_norms(query_block)
-        if num_bank_blocks == 1:  # no loop: the runtimes see one plain product
-            best_sq, best_ids = block_nearest(
-                query_block, query_sq, bank_blocks[0], bank_sq[0], bank_ids[0]
-            )
-            return (best_sq if squared else jnp.sqrt(best_sq)), best_ids
-
+    def scan_bank_blocks(query_block, query_sq):
         def merge_bank_block(best, block):
             best_sq, best_ids = best
             block_sq, block_ids = block_nearest(query_block, query_sq, *block)
@@ -318,9 +311,17 @@ def _chunked_knn(
             jnp.full((query_chunk, k), jnp.inf, jnp.float32),
             jnp.zeros((query_chunk, k), jnp.int32),
         )
-        (best_sq, best_ids), _ = jax.lax.scan(
-            merge_bank_block, init, (bank_blocks, bank_sq, bank_ids)
-        )
+        best, _ = jax.lax.scan(merge_bank_block, init, (bank_blocks, bank_sq, bank_ids))
+        return best
+
+    def search_query_block(query_block):
+        query_sq = _squared_norms(query_block)
+        if num_bank_blocks == 1:  # no loop: the runtimes see one plain product
+            best_sq, best_ids = block_nearest(
+                query_block, query_sq, bank_blocks[0], bank_sq[0], bank_ids[0]
+            )
+        else:
+            best_sq, best_ids = scan_bank_blocks(query_block, query_sq)
         return (best_sq if squared else jnp.sqrt(best_sq)), best_ids
 
     if query_blocks.shape[0] == 1:

@@ -52,8 +52,14 @@ def unfold_3x3(x: jax.Array) -> jax.Array:
         `[B, h, w, C * 9]`; each vector is flattened channel-major, then (ky, kx),
         which is the order torch's Unfold uses for its `C * 9` axis.
     """
-    stacked = jnp.stack(_neighbour_shifts(x), axis=-1)  # [B, h, w, C, 9]
-    return stacked.reshape(*x.shape[:3], x.shape[3] * 9)
+    return _unfolded(_neighbour_shifts(x))
+
+
+def _unfolded(shifts: list[jax.Array]) -> jax.Array:
+    """The 9 shifts `[B, h, w, C]` as `[B, h, w, C * 9]`, C-major, then (ky, kx)."""
+    batch, height, width, channels = shifts[0].shape
+    stacked = jnp.stack(shifts, axis=-1)  # [B, h, w, C, 9]
+    return stacked.reshape(batch, height, width, channels * 9)
 
 
 def pooled_neighbourhoods(x: jax.Array, out: int) -> jax.Array:
@@ -75,7 +81,7 @@ def pooled_neighbourhoods(x: jax.Array, out: int) -> jax.Array:
     _check_pool_sizes(channels * 9, out)
     periods, bounds = _period_bins(channels * 9, out)
     if periods != channels or len(bounds) > _MAX_SLICED_BINS:
-        return adaptive_avg_pool_1d(unfold_3x3(x), out)
+        return adaptive_avg_pool_1d(_unfolded(shifts), out)
     means = [
         functools.reduce(operator.add, shifts[start:end]) / (end - start)
         for start, end in bounds
